@@ -1,0 +1,297 @@
+"""Run the book: Jupytext source -> Papermill execution with a profile -> executed notebooks for Jupyter Book.
+
+The same runner serves ``make book`` (profile ``ci``), the test suite (profile ``smoke``) and a user
+re-running one chapter, so the book and the tests cannot drift apart::
+
+    python -m mlip_core.book --profile ci --build           # what `make book` does
+    python -m mlip_core.book --profile smoke --only 00_quickstart -p seed=1
+    python -m mlip_core.book --list
+
+Notebooks are the ``notebooks/...`` entries of ``book/_toc.yml``, in table-of-contents order (a later
+chapter may read what an earlier one wrote, e.g. the offline world). Each profile
+``book/profiles/<name>.yaml`` maps a notebook name to its Papermill parameters. Executed notebooks
+land in ``book/notebooks/`` where Jupyter Book renders them with execution off, so nothing runs twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlip_core.paths import book_dir as default_book_dir
+from mlip_core.paths import notebooks_dir as default_notebooks_dir
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class BookError(RuntimeError):
+    """A problem with the book's configuration (profile, table of contents, parameters)."""
+
+
+class NotebookFailed(RuntimeError):
+    """A cell raised while executing a notebook; the message shows the notebook, cell and error."""
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    seconds: float
+    status: str  # "ok" or "failed"
+    output: Path
+
+
+@dataclass
+class BookRun:
+    profile: str
+    runs: list[NotebookRun] = field(default_factory=list)
+
+    def timing_table(self) -> str:
+        """A plain-text table of per-notebook wall time."""
+        width = max([len(r.name) for r in self.runs] + [8])
+        lines = [f"{'notebook':<{width}}  {'status':<6}  {'seconds':>8}", "-" * (width + 18)]
+        for r in self.runs:
+            lines.append(f"{r.name:<{width}}  {r.status:<6}  {r.seconds:8.1f}")
+        total = sum(r.seconds for r in self.runs)
+        lines.append("-" * (width + 18))
+        lines.append(f"{'total (' + self.profile + ')':<{width}}  {'':<6}  {total:8.1f}")
+        return "\n".join(lines)
+
+
+def available_profiles(book: Path) -> list[str]:
+    """Profile names found in ``book/profiles/*.yaml``."""
+    return sorted(p.stem for p in (book / "profiles").glob("*.yaml"))
+
+
+def load_profile(book: Path, profile: str) -> dict[str, dict[str, Any]]:
+    """Parameters per notebook for ``profile``; a bad name lists the valid ones."""
+    path = book / "profiles" / f"{profile}.yaml"
+    if not path.is_file():
+        valid = ", ".join(available_profiles(book)) or "(none found)"
+        raise BookError(f"unknown profile {profile!r}: no file {path}. Valid profiles: {valid}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
+        raise BookError(f"{path}: expected a mapping 'notebook_name: {{param: value, ...}}' at the top level")
+    return {name: dict(params or {}) for name, params in data.items()}
+
+
+def toc_notebooks(book: Path) -> list[str]:
+    """Notebook names (``notebooks/NAME`` entries of ``_toc.yml``) in table-of-contents order."""
+    toc_path = book / "_toc.yml"
+    if not toc_path.is_file():
+        raise BookError(f"no table of contents at {toc_path}")
+    names: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            entry = node.get("file")
+            if isinstance(entry, str) and entry.startswith("notebooks/"):
+                names.append(Path(entry).name.removesuffix(".ipynb").removesuffix(".py"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load(toc_path.read_text()))
+    return names
+
+
+def parse_overrides(pairs: list[str]) -> dict[str | None, dict[str, Any]]:
+    """``key=value`` (every selected notebook that declares ``key``) or ``notebook:key=value``.
+
+    Values are parsed as YAML scalars, so ``-p epochs=3 -p use_gpu=false`` give an int and a bool.
+    """
+    out: dict[str | None, dict[str, Any]] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise BookError(f"override {pair!r} is not key=value (or notebook:key=value)")
+        key, raw = pair.split("=", 1)
+        notebook, _, name = key.rpartition(":")
+        out.setdefault(notebook or None, {})[name.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def declared_parameters(nb_path: Path) -> dict[str, Any]:
+    """Names declared in the notebook's ``parameters`` cell (Papermill's own inference)."""
+    import papermill
+
+    return papermill.inspect_notebook(str(nb_path))
+
+
+def to_ipynb(source: Path, target: Path) -> None:
+    """Convert a percent-format ``.py`` into an ``.ipynb`` with the book's kernel."""
+    import jupytext
+
+    nb = jupytext.read(source)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells):
+        raise BookError(f"{source}: no cell tagged 'parameters'; add `# %% tags=[\"parameters\"]` above the defaults")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    jupytext.write(nb, target, fmt="ipynb")
+
+
+def check_parameters(name: str, params: dict[str, Any], declared: dict[str, Any]) -> None:
+    """Every parameter a profile or override sets must be declared by the notebook's parameters cell."""
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise BookError(
+            f"notebook {name!r} has no parameter(s) {', '.join(unknown)}; "
+            f"its parameters cell declares: {', '.join(sorted(declared)) or '(nothing)'}"
+        )
+
+
+def execute(name: str, unexecuted: Path, params: dict[str, Any], out_dir: Path, cwd: Path,
+            timeout: float | None = None) -> Path:
+    """Execute one converted notebook with Papermill; raise :class:`NotebookFailed` showing the failing cell."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output = out_dir / f"{name}.ipynb"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        papermill.execute_notebook(
+            str(unexecuted),
+            str(output),
+            parameters=params,
+            kernel_name="python3",
+            cwd=str(cwd),
+            progress_bar=False,
+            request_save_on_cell_execute=False,
+            execution_timeout=timeout,
+        )
+    except PapermillExecutionError as err:
+        source_lines = "\n".join(f"    {line}" for line in (err.source or "").splitlines())
+        trace = ANSI_ESCAPE.sub("", "\n".join(err.traceback or []))
+        raise NotebookFailed(
+            f"notebook {name!r} failed in cell {err.cell_index} (In [{err.exec_count}]):\n"
+            f"{source_lines}\n{err.ename}: {err.evalue}\n{trace}\n"
+            f"(partially executed notebook: {output})"
+        ) from None
+    return output
+
+
+def run_book(
+    profile: str,
+    only: list[str] | None = None,
+    overrides: list[str] | None = None,
+    out_dir: Path | None = None,
+    book: Path | None = None,
+    notebooks: Path | None = None,
+    timeout: float | None = None,
+    log=print,
+) -> BookRun:
+    """Execute the selected notebooks (default: all, in toc order) and return their timings.
+
+    Every notebook's parameters are checked before the first one runs, so a typo in a profile fails
+    in seconds, not after an hour. Stops at the first failing notebook (raising
+    :class:`NotebookFailed`): later chapters depend on what earlier ones wrote.
+    """
+    book = book or default_book_dir()
+    notebooks = notebooks or default_notebooks_dir()
+    out_dir = out_dir or book / "notebooks"
+    profile_params = load_profile(book, profile)
+    all_names = toc_notebooks(book)
+    stray = sorted(set(profile_params) - set(all_names))
+    if stray:
+        raise BookError(f"profile {profile!r} names notebook(s) not in the table of contents: {', '.join(stray)}")
+    names = all_names
+    if only:
+        missing = [n for n in only if n not in all_names]
+        if missing:
+            raise BookError(f"not in {book / '_toc.yml'}: {', '.join(missing)}. Notebooks: {', '.join(all_names)}")
+        names = [n for n in all_names if n in only]
+    parsed = parse_overrides(overrides or [])
+    for target in parsed:
+        if target is not None and target not in names:
+            raise BookError(f"override for {target!r}, which is not among the selected notebooks: {', '.join(names)}")
+
+    result = BookRun(profile=profile)
+    with tempfile.TemporaryDirectory() as tmp:
+        plan: list[tuple[str, Path, dict[str, Any]]] = []
+        used_globals: set[str] = set()
+        for name in names:
+            source = notebooks / f"{name}.py"
+            if not source.is_file():
+                raise BookError(f"notebook {name!r} is in the table of contents but {source} does not exist")
+            unexecuted = Path(tmp) / f"{name}.ipynb"
+            to_ipynb(source, unexecuted)
+            declared = declared_parameters(unexecuted)
+            params = {**profile_params.get(name, {}), **parsed.get(name, {})}
+            check_parameters(name, params, declared)
+            for key, value in parsed.get(None, {}).items():
+                if key in declared:
+                    params[key] = value
+                    used_globals.add(key)
+            plan.append((name, unexecuted, params))
+        unused = sorted(set(parsed.get(None, {})) - used_globals)
+        if unused:
+            raise BookError(f"no selected notebook declares parameter(s) {', '.join(unused)}")
+
+        for name, unexecuted, params in plan:
+            log(f"[book] {name}: profile={profile} {params}")
+            start = time.perf_counter()
+            try:
+                output = execute(name, unexecuted, params, out_dir, notebooks, timeout)
+            except NotebookFailed:
+                result.runs.append(NotebookRun(name, time.perf_counter() - start, "failed", out_dir / f"{name}.ipynb"))
+                log(result.timing_table())
+                raise
+            result.runs.append(NotebookRun(name, time.perf_counter() - start, "ok", output))
+    return result
+
+
+def build_html(book: Path | None = None) -> Path:
+    """Render the executed notebooks with Jupyter Book 1 (execution is off in ``_config.yml``)."""
+    book = book or default_book_dir()
+    jb = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(book)]
+    subprocess.run(cmd, check=True)
+    index = book / "_build" / "html" / "index.html"
+    if not index.is_file():
+        raise BookError(f"jupyter-book finished but {index} is missing")
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlip_core.book", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default="ci", help="parameter profile: book/profiles/<profile>.yaml")
+    parser.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks (toc order kept)")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter (KEY=VALUE or NOTEBOOK:KEY=VALUE); repeatable")
+    parser.add_argument("--out", type=Path, help="where executed notebooks go (default: book/notebooks)")
+    parser.add_argument("--timeout", type=float, help="per-cell timeout in seconds")
+    parser.add_argument("--build", action="store_true", help="build the HTML book after executing")
+    parser.add_argument("--list", action="store_true", help="list the notebooks and profiles, then exit")
+    parser.add_argument("--book-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--notebooks-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    book = args.book_dir or default_book_dir()
+    try:
+        if args.list:
+            print("notebooks:", " ".join(toc_notebooks(book)))
+            print("profiles:", " ".join(available_profiles(book)))
+            return 0
+        result = run_book(args.profile, args.only, args.param, args.out, book, args.notebooks_dir, args.timeout)
+        print(result.timing_table())
+        if args.build:
+            print(f"[book] HTML: {build_html(book)}")
+    except BookError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NotebookFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

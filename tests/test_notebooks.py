@@ -1,0 +1,43 @@
+"""Every chapter of the book executes with the `smoke` profile, through the same runner as `make book`.
+
+Chapters run in table-of-contents order and share one temporary workspace, as in the book: a later
+chapter reads what an earlier one wrote (the offline world, a pretrained checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlip_core.paths import book_dir, repo_root
+from mlip_core.book import load_profile, toc_notebooks
+
+NOTEBOOKS = toc_notebooks(book_dir())
+
+
+@pytest.fixture(scope="session")
+def book_workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("book_workspace")
+
+
+def test_every_notebook_has_a_block_in_every_profile():
+    for profile in ("smoke", "ci", "full"):
+        params = load_profile(book_dir(), profile)
+        missing = [name for name in NOTEBOOKS if name not in params]
+        assert not missing, f"book/profiles/{profile}.yaml has no block for {missing}"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_with_smoke_profile(name, book_workspace, tmp_path):
+    env = {**os.environ, "MLIP_WORKSPACE": str(book_workspace), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlip_core.book", "--profile", "smoke", "--only", name,
+         "--out", str(tmp_path / "executed")],
+        cwd=repo_root(), env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert (tmp_path / "executed" / f"{name}.ipynb").is_file()
