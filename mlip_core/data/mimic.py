@@ -1,0 +1,298 @@
+"""MIMIC-CXR-JPG 2.0.0 + MIMIC-CXR reports: image-report pairs for pretraining.
+
+Real layout (PhysioNet), under ``root``::
+
+    mimic-cxr-2.0.0-split.csv[.gz]     dicom_id,study_id,subject_id,split   (train / validate / test)
+    mimic-cxr-2.0.0-metadata.csv[.gz]  dicom_id,subject_id,study_id,...,ViewPosition,Rows,Columns,...
+    mimic-cxr-2.0.0-chexpert.csv[.gz]  subject_id,study_id,<14 CheXpert labels: 1.0 / 0.0 / -1.0 / blank>
+    files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg
+
+Reports come from MIMIC-CXR (not -JPG) as ``files/p10/p10000032/s50414267.txt``; ``reports_root`` points at
+the folder holding that ``files/`` tree (default: ``root``, then ``root/mimic-cxr-reports``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .cache import ImageCache
+from .images import load_uint8
+from .reports import choose_text, parse_sections
+from .skips import SkipReport
+from .transforms import eval_transform
+
+__all__ = [
+    "CHEXPERT_14",
+    "MimicPretrainDataset",
+    "find_csv",
+    "load_mimic_pairs",
+    "read_csv_checked",
+    "report_path",
+]
+
+# Column order of mimic-cxr-2.0.0-chexpert.csv (also the order of the `labels` tensor).
+CHEXPERT_14: list[str] = [
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+    "Pneumothorax", "Support Devices",
+]  # fmt: skip
+LABEL_VALUES = {1.0, 0.0, -1.0}
+SPLITS = ("train", "validate", "test")
+_SPLIT_ALIASES = {"val": "validate", "valid": "validate", "validation": "validate"}
+
+SPLIT_COLUMNS = ["dicom_id", "study_id", "subject_id", "split"]
+METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
+CHEXPERT_COLUMNS = ["subject_id", "study_id", *CHEXPERT_14]
+
+
+def find_csv(root: Path, stem: str) -> Path:
+    """``root/stem.csv`` or ``root/stem.csv.gz``; FileNotFoundError naming both and the fix otherwise."""
+    for name in (f"{stem}.csv", f"{stem}.csv.gz"):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"{root / (stem + '.csv')} (or .csv.gz) not found; point --root at the MIMIC-CXR-JPG 2.0.0 folder "
+        f"that holds {stem}.csv.gz (download it from PhysioNet with the JPG files)."
+    )
+
+
+def read_csv_checked(path: Path, required: Sequence[str], **kwargs) -> pd.DataFrame:
+    """Read a CSV (pandas infers gzip from the suffix) and check its header names every required column."""
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: cannot parse as CSV ({type(exc).__name__}: {exc}); re-download the file.") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: wrong CSV header: missing column(s) {missing}; found {list(df.columns)}. Expected at least "
+            f"{list(required)}: is this the right file (and not a different release or a renamed copy)?"
+        )
+    return df
+
+
+def report_path(reports_root: Path, subject_id: int, study_id: int) -> Path:
+    """``reports_root/files/p10/p10000032/s50414267.txt``."""
+    sub = f"{int(subject_id)}"
+    return reports_root / "files" / f"p{sub[:2]}" / f"p{sub}" / f"s{int(study_id)}.txt"
+
+
+def image_path(root: Path, subject_id: int, study_id: int, dicom_id: str) -> Path:
+    """``root/files/p10/p10000032/s50414267/<dicom_id>.jpg``."""
+    sub = f"{int(subject_id)}"
+    return root / "files" / f"p{sub[:2]}" / f"p{sub}" / f"s{int(study_id)}" / f"{dicom_id}.jpg"
+
+
+def _to_int(df: pd.DataFrame, cols: Sequence[str], path: Path, report: SkipReport) -> pd.DataFrame:
+    """Coerce id columns to int; rows with a non-integer id are counted skips."""
+    bad = np.zeros(len(df), dtype=bool)
+    for c in cols:
+        num = pd.to_numeric(df[c], errors="coerce")
+        bad |= num.isna().to_numpy() | (num.fillna(0) % 1 != 0).to_numpy()
+    for _, row in df[bad].iterrows():
+        report.add(f"non-integer id in {path.name}", dict(row[list(cols)]), path)
+    df = df[~bad].copy()
+    for c in cols:
+        df[c] = pd.to_numeric(df[c]).astype(np.int64)
+    return df
+
+
+def _drop_duplicates(df: pd.DataFrame, key: Sequence[str], path: Path, report: SkipReport) -> pd.DataFrame:
+    """Keep the first row per key; every later duplicate is a counted skip."""
+    dup = df.duplicated(subset=list(key), keep="first")
+    for _, row in df[dup].iterrows():
+        report.add(f"duplicate {'/'.join(key)} in {path.name}", "/".join(str(row[k]) for k in key), path)
+    return df[~dup]
+
+
+def _read_labels(path: Path, report: SkipReport) -> tuple[pd.DataFrame, set[int]]:
+    """The CheXpert-labeler CSV: one row per study, values in {1, 0, -1, NaN}, and the studies skipped for
+    unknown values (each a counted skip)."""
+    df = read_csv_checked(path, CHEXPERT_COLUMNS)
+    df = _to_int(df, ["subject_id", "study_id"], path, report)
+    df = _drop_duplicates(df, ["study_id"], path, report)
+    values = df[CHEXPERT_14].apply(pd.to_numeric, errors="coerce")
+    # A cell that is not blank but did not parse, or parsed to something outside {1, 0, -1}.
+    raw_blank = df[CHEXPERT_14].isna() | (df[CHEXPERT_14].astype(str).apply(lambda s: s.str.strip()) == "")
+    unknown = (~raw_blank) & ~values.isin(LABEL_VALUES)
+    bad_rows = unknown.any(axis=1)
+    for idx in np.flatnonzero(bad_rows.to_numpy()):
+        row = df.iloc[idx]
+        cols = [c for c in CHEXPERT_14 if unknown.iloc[idx][c]]
+        report.add(
+            "unknown CheXpert label value (expected 1.0, 0.0, -1.0 or blank)",
+            f"study {row['study_id']}: " + ", ".join(f"{c}={row[c]!r}" for c in cols),
+            path,
+        )
+    out = df.loc[~bad_rows.to_numpy(), ["subject_id", "study_id"]].copy()
+    out[CHEXPERT_14] = values.loc[~bad_rows.to_numpy()].astype(np.float32)
+    return out, set(df.loc[bad_rows.to_numpy(), "study_id"].tolist())
+
+
+def _resolve_reports_root(root: Path, reports_root: Path | None) -> Path:
+    """The folder whose ``files/`` holds the ``s<study>.txt`` reports."""
+    if reports_root is not None:
+        return Path(reports_root)
+    for cand in (root, root / "mimic-cxr-reports"):
+        if (cand / "files").is_dir() and any((cand / "files").glob("p*/p*/s*.txt")):
+            return cand
+    return root
+
+
+def load_mimic_pairs(
+    root: Path | str,
+    split: str | None = "train",
+    views: Sequence[str] | None = ("PA", "AP"),
+    reports_root: Path | str | None = None,
+    check_files: bool = True,
+) -> tuple[pd.DataFrame, SkipReport]:
+    """One row per frontal image with its report text and study labels, plus the skips.
+
+    Columns: dicom_id, subject_id, study_id, split, view, image_path, text, text_source, and the 14
+    CheXpert columns (float32, NaN = blank). ``split=None`` keeps all splits; ``views=None`` keeps all views.
+    Studies whose report is missing or has neither IMPRESSION nor FINDINGS are counted skips.
+    """
+    root = Path(root)
+    report = SkipReport("mimic")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset root does not exist; pass --root / root= the MIMIC-CXR-JPG folder.")
+    split_csv = find_csv(root, "mimic-cxr-2.0.0-split")
+    meta_csv = find_csv(root, "mimic-cxr-2.0.0-metadata")
+    label_csv = find_csv(root, "mimic-cxr-2.0.0-chexpert")
+    if split is not None:
+        split = _SPLIT_ALIASES.get(split, split)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS} or None for all")
+
+    sp = read_csv_checked(split_csv, SPLIT_COLUMNS, dtype={"dicom_id": str})
+    sp["dicom_id"] = sp["dicom_id"].astype(str).str.strip()
+    sp = _to_int(sp, ["study_id", "subject_id"], split_csv, report)
+    sp = _drop_duplicates(sp, ["dicom_id"], split_csv, report)
+    sp["split"] = sp["split"].astype(str).str.strip()
+    unknown = ~sp["split"].isin(SPLITS)
+    for _, row in sp[unknown].iterrows():
+        report.add(f"unknown split value {row['split']!r} (expected train/validate/test)", row["dicom_id"], split_csv)
+    sp = sp[~unknown]
+
+    meta = read_csv_checked(meta_csv, METADATA_COLUMNS, dtype={"dicom_id": str})
+    meta["dicom_id"] = meta["dicom_id"].astype(str).str.strip()
+    meta = _drop_duplicates(meta, ["dicom_id"], meta_csv, report)
+    meta = meta[["dicom_id", "ViewPosition"]].rename(columns={"ViewPosition": "view"})
+    df = sp.merge(meta, on="dicom_id", how="left", indicator=True)
+    no_meta = df["_merge"] == "left_only"
+    for _, row in df[no_meta].iterrows():
+        report.add("image has no row in the metadata CSV", row["dicom_id"], meta_csv)
+    df = df[~no_meta].drop(columns="_merge")
+    df["view"] = df["view"].fillna("").astype(str).str.strip()
+
+    if split is not None:
+        report.filter(f"split is not {split}", int((df["split"] != split).sum()))
+        df = df[df["split"] == split]
+    if views is not None:
+        keep = df["view"].isin(list(views))
+        report.filter(f"view not in {tuple(views)}", int((~keep).sum()))
+        df = df[keep]
+
+    labels, bad_studies = _read_labels(label_csv, report)
+    # A study whose label row was skipped is left out too (already counted once, per study).
+    df = df[~df["study_id"].isin(bad_studies)]
+    # Studies without a labeler row keep blank (NaN) labels: real MIMIC has a few; they still pretrain.
+    df = df.merge(labels.drop(columns="subject_id"), on="study_id", how="left")
+
+    # Report text, once per study.
+    rroot = _resolve_reports_root(root, Path(reports_root) if reports_root else None)
+    texts: dict[int, tuple[str, str]] = {}
+    for subject_id, study_id in df[["subject_id", "study_id"]].drop_duplicates().itertuples(index=False):
+        rp = report_path(rroot, subject_id, study_id)
+        try:
+            raw = rp.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            report.add("missing report file", f"study {study_id}", rp)
+            continue
+        choice = choose_text(parse_sections(raw))
+        if choice.empty:
+            report.add("empty report: neither IMPRESSION nor FINDINGS has text", f"study {study_id}", rp)
+            continue
+        texts[int(study_id)] = (choice.text, choice.source)
+    df = df[df["study_id"].isin(list(texts))].copy()
+    df["text"] = [texts[s][0] for s in df["study_id"]]
+    df["text_source"] = [texts[s][1] for s in df["study_id"]]
+
+    df["image_path"] = [str(image_path(root, a, b, c)) for a, b, c in df[["subject_id", "study_id", "dicom_id"]].itertuples(index=False)]
+    if check_files:
+        exists = np.array([Path(p).is_file() for p in df["image_path"]], dtype=bool)
+        for _, row in df[~exists].iterrows():
+            report.add("missing image file", row["dicom_id"], row["image_path"])
+        df = df[exists]
+
+    cols = ["dicom_id", "subject_id", "study_id", "split", "view", "image_path", "text", "text_source", *CHEXPERT_14]
+    df = df[cols].sort_values(["subject_id", "study_id", "dicom_id"]).reset_index(drop=True)
+    for c in CHEXPERT_14:
+        df[c] = df[c].astype(np.float32)
+    return df, report
+
+
+class MimicPretrainDataset(Dataset):
+    """Image-report pairs: items ``{"image": (1, H, W) float, "text": str, "labels": (14,) float (NaN = blank),
+    "study_id": int, "index": int}``. Images come from an :class:`ImageCache` when given, else from disk."""
+
+    def __init__(self, pairs: pd.DataFrame, image_size: int = 224, transform=None, cache: ImageCache | None = None) -> None:
+        if cache is not None:
+            if list(cache.paths) != [str(p) for p in pairs["image_path"]]:
+                raise ValueError("the cache was built for other image paths; build it from pairs['image_path']")
+            keep = np.asarray(cache.valid, dtype=bool)
+            self._slots = np.flatnonzero(keep)
+            pairs = pairs.iloc[self._slots]
+        else:
+            self._slots = None
+        self.pairs = pairs.reset_index(drop=True)
+        self.image_size = int(image_size)
+        self.transform = transform if transform is not None else eval_transform(self.image_size)
+        self.cache = cache
+        self._labels = torch.from_numpy(self.pairs[CHEXPERT_14].to_numpy(dtype=np.float32))
+        self._texts = self.pairs["text"].tolist()
+        self._studies = self.pairs["study_id"].to_numpy(dtype=np.int64)
+        self._paths = self.pairs["image_path"].tolist()
+
+    @classmethod
+    def from_root(
+        cls,
+        root: Path | str,
+        split: str = "train",
+        image_size: int = 224,
+        transform=None,
+        cache_dir: Path | str | None = None,
+        cache_size: int | None = None,
+        reports_root: Path | str | None = None,
+    ) -> tuple[MimicPretrainDataset, SkipReport]:
+        """Read the pairs and, with ``cache_dir``, cache images at ``cache_size`` (default: ``image_size``)."""
+        pairs, report = load_mimic_pairs(root, split=split, reports_root=reports_root)
+        cache = None
+        if cache_dir is not None:
+            cache = ImageCache(cache_dir, pairs["image_path"].tolist(), cache_size or image_size)
+            report.extend(cache.skips)
+        return cls(pairs, image_size=image_size, transform=transform, cache=cache), report
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        """One pair; the image is (1, image_size, image_size) after the transform."""
+        if self.cache is not None:
+            arr = self.cache[int(self._slots[index])]
+        else:
+            arr = load_uint8(self._paths[index], self.image_size)
+        return {
+            "image": self.transform(arr),
+            "text": self._texts[index],
+            "labels": self._labels[index].clone(),
+            "study_id": int(self._studies[index]),
+            "index": int(index),
+        }

@@ -1,0 +1,133 @@
+"""MIMIC-CXR-JPG 2.0.0 reader on fixture trees in the real layout, including bad inputs."""
+
+from __future__ import annotations
+
+import gzip
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from dataset_fixtures import CHEXPERT_14, make_mimic_tree, truncate
+
+from mlip_core.data.cache import ImageCache
+from mlip_core.data.mimic import MimicPretrainDataset, load_mimic_pairs
+
+
+def _read(path):
+    return pd.read_csv(path)
+
+
+def _write(df, path):
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wt", newline="") as fh:
+            df.to_csv(fh, index=False)
+    else:
+        df.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_reads_every_frontal_image_of_a_split_from_csv_and_csv_gz(tmp_path, gz):
+    tree = make_mimic_tree(tmp_path, n_subjects=3, studies_per_subject=2, gz=gz)
+    pairs, report = load_mimic_pairs(tmp_path, split="train")
+    expected = sorted(d for d, _, s in tree["frontal"] if s == "train")
+    assert sorted(pairs["dicom_id"]) == expected
+    assert len(report) == 0
+    assert report.filtered["view not in ('PA', 'AP')"] > 0  # the laterals were filtered, and said so
+    assert set(pairs["view"]) <= {"PA", "AP"}
+    # impression first, then findings (MGCA's text choice)
+    row = pairs.iloc[0]
+    assert row["text"].startswith(f"No acute process {row['study_id']}.")
+    assert "Lungs are clear." in row["text"]
+    all_pairs, _ = load_mimic_pairs(tmp_path, split=None, views=None)
+    assert len(all_pairs) == 3 * 2 * 3
+
+
+def test_labels_keep_chexpert_convention_with_nan_for_blank(tmp_path):
+    tree = make_mimic_tree(tmp_path, n_subjects=1, studies_per_subject=2)
+    pairs, _ = load_mimic_pairs(tmp_path, split="train")
+    for _, row in pairs.iterrows():
+        truth = next(r for r in tree["labels"] if r["study_id"] == row["study_id"])
+        for c in CHEXPERT_14:
+            assert (math.isnan(truth[c]) and math.isnan(row[c])) or truth[c] == row[c]
+
+
+def test_empty_and_missing_reports_are_counted_skips(tmp_path):
+    tree = make_mimic_tree(tmp_path, n_subjects=1, studies_per_subject=3)
+    s0, s1 = tree["studies"][:2]
+    (tmp_path / "files" / "p10" / "p10000032" / f"s{s0}.txt").write_text("FINAL REPORT\n FINDINGS:\n\n IMPRESSION:  \n")
+    (tmp_path / "files" / "p10" / "p10000032" / f"s{s1}.txt").unlink()
+    pairs, report = load_mimic_pairs(tmp_path, split="train")
+    assert set(pairs["study_id"]) == {tree["studies"][2]}
+    counts = report.counts()
+    assert counts["empty report: neither IMPRESSION nor FINDINGS has text"] == 1
+    assert counts["missing report file"] == 1
+    assert f"s{s0}.txt" in report.summary()
+
+
+def test_missing_csv_error_names_the_file_and_the_fix(tmp_path):
+    tree = make_mimic_tree(tmp_path, n_subjects=1, studies_per_subject=1)
+    tree["metadata_csv"].unlink()
+    with pytest.raises(FileNotFoundError, match=r"mimic-cxr-2\.0\.0-metadata\.csv.*PhysioNet"):
+        load_mimic_pairs(tmp_path)
+
+
+def test_wrong_csv_header_error_names_the_file_and_the_missing_column(tmp_path):
+    tree = make_mimic_tree(tmp_path, n_subjects=1, studies_per_subject=1)
+    df = _read(tree["split_csv"]).rename(columns={"split": "fold"})
+    _write(df, tree["split_csv"])
+    with pytest.raises(ValueError, match=r"mimic-cxr-2\.0\.0-split\.csv\.gz: wrong CSV header.*'split'"):
+        load_mimic_pairs(tmp_path)
+
+
+def test_unknown_label_values_and_duplicate_ids_are_counted_skips(tmp_path):
+    tree = make_mimic_tree(tmp_path, n_subjects=1, studies_per_subject=3)
+    labels = _read(tree["chexpert_csv"])
+    labels["Edema"] = labels["Edema"].astype(object)
+    labels.loc[0, "Edema"] = "2.0"
+    _write(labels, tree["chexpert_csv"])
+    split = _read(tree["split_csv"])
+    _write(pd.concat([split, split.iloc[[1]]]), tree["split_csv"])
+    pairs, report = load_mimic_pairs(tmp_path, split="train")
+    counts = report.counts()
+    assert counts["unknown CheXpert label value (expected 1.0, 0.0, -1.0 or blank)"] == 1
+    assert counts["duplicate dicom_id in mimic-cxr-2.0.0-split.csv.gz"] == 1
+    bad_study = int(labels.loc[0, "study_id"])
+    assert bad_study not in set(pairs["study_id"])
+    assert pairs["dicom_id"].is_unique
+    assert len(pairs) == sum(1 for _, st, _ in tree["frontal"] if st != bad_study)
+
+
+def test_missing_image_is_a_counted_skip_and_corrupt_image_a_cache_skip(tmp_path):
+    make_mimic_tree(tmp_path, n_subjects=1, studies_per_subject=2)
+    pairs, _ = load_mimic_pairs(tmp_path)
+    gone, broken = pairs["image_path"].iloc[0], pairs["image_path"].iloc[1]
+    import os
+
+    os.unlink(gone)
+    truncate(__import__("pathlib").Path(broken), keep=0.3)
+    pairs, report = load_mimic_pairs(tmp_path)
+    assert report.counts() == {"missing image file": 1}
+    ds, report = MimicPretrainDataset.from_root(tmp_path, image_size=32, cache_dir=tmp_path / "cache")
+    assert report.counts()["undecodable image"] == 1
+    assert len(ds) == len(pairs) - 1
+    assert broken not in ds.pairs["image_path"].tolist()
+
+
+def test_dataset_items_have_the_contract_shapes_and_work_with_two_workers(tmp_path):
+    make_mimic_tree(tmp_path, n_subjects=2, studies_per_subject=2)
+    pairs, _ = load_mimic_pairs(tmp_path, split="train")
+    cache = ImageCache(tmp_path / "cache", pairs["image_path"].tolist(), 32)
+    ds = MimicPretrainDataset(pairs, image_size=32, cache=cache)
+    item = ds[1]
+    assert item["image"].shape == (1, 32, 32) and item["image"].dtype == torch.float32
+    assert item["labels"].shape == (14,) and item["labels"].dtype == torch.float32
+    assert torch.isnan(item["labels"]).any()  # blanks stay NaN
+    assert item["study_id"] == int(pairs["study_id"].iloc[1]) and item["index"] == 1
+    # cached and uncached give the same image
+    plain = MimicPretrainDataset(pairs, image_size=32)
+    assert torch.allclose(plain[1]["image"], item["image"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=lambda b: b)
+    seen = sorted(x["index"] for batch in loader for x in batch)
+    assert seen == list(range(len(ds)))
