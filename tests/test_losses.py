@@ -1,0 +1,358 @@
+"""The losses pin formulas and invariants: plain InfoNCE at a=0, soft targets, knowledge guards,
+aligned < shuffled, batch permutation, padding, vectorised == per-sample loop, Sinkhorn marginals,
+and the distributed gather (two real gloo processes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlip_core.losses import (
+    CategoryLoss,
+    GloriaLocalLoss,
+    GlobalContrastiveLoss,
+    LocalAlignmentLoss,
+    local_alignment_loop,
+    local_token_weights,
+    mine_hard_negatives,
+    same_finding_set,
+    sinkhorn,
+    supervised_contrastive,
+)
+
+
+def unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def paired(B: int = 8, d: int = 16, noise: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image/text embeddings where text i is a noisy copy of image i."""
+    img = unit(B, d, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    txt = F.normalize(img + noise * torch.randn(B, d, generator=g), dim=-1)
+    return img, txt
+
+
+def labels_from_sets(sets: list[set[int]]) -> torch.Tensor:
+    lab = torch.full((len(sets), 14), float("nan"))
+    for i, s in enumerate(sets):
+        lab[i, :] = 0.0
+        for j in s:
+            lab[i, j] = 1.0
+    return lab
+
+
+SCALE = torch.tensor(1 / 0.07)
+
+
+# ---------------------------------------------------------------------------------------------
+# Global
+
+
+def direct_infonce(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.Tensor:
+    """Textbook InfoNCE, written element by element."""
+    B = img.shape[0]
+    total = 0.0
+    for i in range(B):
+        s_i2t = [scale * float(img[i] @ txt[j]) for j in range(B)]
+        s_t2i = [scale * float(txt[i] @ img[j]) for j in range(B)]
+        total += -s_i2t[i] + math.log(sum(math.exp(s) for s in s_i2t))
+        total += -s_t2i[i] + math.log(sum(math.exp(s) for s in s_t2i))
+    return torch.tensor(total / (2 * B))
+
+
+def test_global_loss_with_alpha_zero_equals_plain_infonce():
+    img, txt = paired()
+    img_m, txt_m = paired(seed=5)
+    loss = GlobalContrastiveLoss(soft_alpha=0.0, knowledge_negatives=False)(img, txt, SCALE, img_m, txt_m)["loss"]
+    assert torch.allclose(loss, direct_infonce(img, txt, float(SCALE)), atol=1e-5)
+
+
+def test_soft_targets_follow_albef_formula_and_decompose_into_infonce_plus_kl():
+    img, txt = paired()
+    img_m, txt_m = paired(seed=5)
+    a = 0.4
+    out = GlobalContrastiveLoss(soft_alpha=a, knowledge_negatives=False)(img, txt, SCALE, img_m, txt_m)
+    eye = torch.eye(8)
+    p_i2t_m = (SCALE * img_m @ txt_m.T).softmax(1)
+    p_t2i_m = (SCALE * txt_m @ img_m.T).softmax(1)
+    logp_i2t = (SCALE * img @ txt.T).log_softmax(1)
+    logp_t2i = (SCALE * txt @ img.T).log_softmax(1)
+    expected = 0.5 * (
+        -(((1 - a) * eye + a * p_i2t_m) * logp_i2t).sum(1).mean()
+        - (((1 - a) * eye + a * p_t2i_m) * logp_t2i).sum(1).mean()
+    )
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+    # (1-a)*InfoNCE + a*(KL(p_m || p) + H(p_m)): the KL term is what the divergence encoder adds.
+    entropy = 0.5 * (-(p_i2t_m * p_i2t_m.log()).sum(1).mean() - (p_t2i_m * p_t2i_m.log()).sum(1).mean())
+    infonce = direct_infonce(img, txt, float(SCALE))
+    assert torch.allclose(out["loss"], (1 - a) * infonce + a * (out["kl_online_momentum"] + entropy), atol=1e-4)
+
+
+def test_same_finding_set_needs_equal_nonempty_positive_sets():
+    lab = labels_from_sets([{1, 4}, {1, 4}, {1}, set(), set(), {8}])
+    lab[2, 4] = -1.0  # uncertain is not positive: row 2 stays {1}
+    lab[3, 4] = float("nan")
+    same = same_finding_set(lab)
+    assert same[0, 1] and same[1, 0] and same[0, 0]
+    assert not same[0, 2] and not same[2, 0]
+    assert not same[3, 4] and not same[3, 3]  # empty sets are never "the same finding set"
+    assert same[5, 5] and not same[5, 0]
+
+
+def test_knowledge_guard_removes_same_finding_pairs_from_the_negatives():
+    img, txt = paired(B=6)
+    lab = labels_from_sets([{8}, {8}, {1}, {2}, set(), set()])  # 0 and 1 share "No Finding"
+    out = GlobalContrastiveLoss(soft_alpha=0.0, knowledge_negatives=True)(img, txt, SCALE, labels=lab)
+    logits = SCALE * img @ txt.T
+    keep = ~same_finding_set(lab) | torch.eye(6, dtype=torch.bool)
+    rows = []
+    for i in range(6):
+        for mat in (logits, logits.T):
+            row = mat[i][keep[i]]
+            pos = int(keep[i][: i + 1].sum()) - 1  # index of the diagonal among the kept columns
+            rows.append(-row[pos] + torch.logsumexp(row, 0))
+    assert torch.allclose(out["loss"], torch.stack(rows).mean(), atol=1e-5)
+    assert out["guarded_fraction"] == pytest.approx(2 / 36)
+    # a guarded column can move anywhere without changing the loss of the other row
+    txt2 = txt.clone()
+    txt2[1] = unit(16, seed=9)
+    out2 = GlobalContrastiveLoss(soft_alpha=0.0, knowledge_negatives=True)(img, txt2, SCALE, labels=lab)
+    row0 = lambda t: -(SCALE * img[0] @ t[0]) + torch.logsumexp(SCALE * img[0] @ t[[0, 2, 3, 4, 5]].T, 0)
+    assert torch.allclose(row0(txt), row0(txt2))
+    assert not torch.allclose(out["loss"], out2["loss"])  # ...while row 1 itself did change
+
+
+def test_global_loss_aligned_pairs_lower_than_shuffled():
+    img, txt = paired(B=16)
+    img_m, txt_m = paired(B=16, seed=3)
+    loss_fn = GlobalContrastiveLoss(soft_alpha=0.4, knowledge_negatives=True)
+    lab = labels_from_sets([{i % 5} for i in range(16)])
+    aligned = loss_fn(img, txt, SCALE, img, txt, lab)["loss"]
+    perm = torch.roll(torch.arange(16), 1)
+    shuffled = loss_fn(img, txt[perm], SCALE, img, txt[perm], lab)["loss"]
+    assert aligned < shuffled
+
+
+def test_global_loss_is_invariant_to_batch_permutation():
+    img, txt = paired(B=10)
+    img_m, txt_m = paired(B=10, seed=3)
+    lab = labels_from_sets([{i % 3} for i in range(10)])
+    loss_fn = GlobalContrastiveLoss(soft_alpha=0.4, knowledge_negatives=True)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(1))
+    a = loss_fn(img, txt, SCALE, img_m, txt_m, lab)["loss"]
+    b = loss_fn(img[perm], txt[perm], SCALE, img_m[perm], txt_m[perm], lab[perm])["loss"]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local
+
+
+def local_inputs(B: int = 4, L: int = 12, P: int = 9, d: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    patches = unit(B, P, d, seed=seed)
+    # tokens near some patch of their own image, so alignment is learnable
+    idx = torch.randint(0, P, (B, L), generator=g)
+    tokens = F.normalize(patches[torch.arange(B)[:, None], idx] + 0.3 * torch.randn(B, L, d, generator=g), dim=-1)
+    lengths = torch.tensor([L, L - 3, L - 5, 4][:B])
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    entity = torch.full((B, L), -1)
+    entity[:, 1] = 3
+    return tokens, patches, mask, entity
+
+
+def test_local_loss_vectorised_equals_per_sample_loop():
+    tokens, patches, mask, entity = local_inputs()
+    w = local_token_weights(mask, entity, 2.0)
+    vec = LocalAlignmentLoss(0.1)(tokens, patches, mask, w)["loss"]
+    loop = local_alignment_loop(tokens, patches, mask, w, 0.1)
+    assert torch.allclose(vec, loop, atol=1e-5)
+
+
+def test_padding_tokens_do_not_change_the_local_loss():
+    tokens, patches, mask, entity = local_inputs()
+    w = local_token_weights(mask, entity, 2.0)
+    base = LocalAlignmentLoss(0.1)(tokens, patches, mask, w)["loss"]
+    # overwrite the padded positions with garbage and append 5 more padded positions
+    g = torch.Generator().manual_seed(7)
+    tokens2 = tokens.clone()
+    tokens2[~mask] = unit(int((~mask).sum()), 16, seed=11)
+    tokens2 = torch.cat([tokens2, unit(4, 5, 16, seed=12)], 1)
+    mask2 = torch.cat([mask, torch.zeros(4, 5, dtype=torch.bool)], 1)
+    entity2 = torch.cat([entity, torch.randint(0, 5, (4, 5), generator=g)], 1)
+    w2 = local_token_weights(mask2, entity2, 2.0)
+    padded = LocalAlignmentLoss(0.1)(tokens2, patches, mask2, w2)["loss"]
+    assert torch.allclose(base, padded, atol=1e-6)
+    gl = GloriaLocalLoss()
+    assert torch.allclose(gl(tokens, patches, mask)["loss"], gl(tokens2, patches, mask2)["loss"], atol=1e-5)
+
+
+def test_local_losses_aligned_lower_than_shuffled():
+    tokens, patches, mask, entity = local_inputs(B=4, L=12, P=16)
+    w = local_token_weights(mask, entity, 2.0)
+    perm = torch.roll(torch.arange(4), 1)
+    loc = LocalAlignmentLoss(0.1)
+    assert loc(tokens, patches, mask, w)["loss"] < loc(tokens, patches[perm], mask, w)["loss"]
+    gl = GloriaLocalLoss()
+    # GLoRIA contrasts across the batch: shuffling which image is "paired" raises the loss
+    assert gl(tokens, patches, mask)["loss"] < gl(tokens, patches[perm], mask)["loss"]
+
+
+def test_local_losses_are_invariant_to_batch_permutation():
+    tokens, patches, mask, entity = local_inputs()
+    w = local_token_weights(mask, entity, 2.0)
+    perm = torch.tensor([2, 0, 3, 1])
+    loc = LocalAlignmentLoss(0.1)
+    assert torch.allclose(loc(tokens, patches, mask, w)["loss"], loc(tokens[perm], patches[perm], mask[perm], w[perm])["loss"], atol=1e-6)
+    gl = GloriaLocalLoss()
+    assert torch.allclose(gl(tokens, patches, mask)["loss"], gl(tokens[perm], patches[perm], mask[perm])["loss"], atol=1e-5)
+
+
+def test_gloria_loss_matches_a_per_pair_loop():
+    tokens, patches, mask, _ = local_inputs(B=3)
+    gl = GloriaLocalLoss(4.0, 5.0, 10.0)
+    B = 3
+    scores = torch.zeros(B, B)
+    for t in range(B):
+        w = tokens[t][mask[t]]  # (l, d)
+        for i in range(B):
+            raw = w @ patches[i].T  # (l, P)
+            a = (raw.softmax(0) * 4.0).softmax(1)
+            ctx = a @ patches[i]
+            cos = F.cosine_similarity(w, ctx, dim=-1)
+            scores[t, i] = torch.logsumexp(5.0 * cos, 0)
+    target = torch.arange(B)
+    expected = 0.5 * (F.cross_entropy(10 * scores, target) + F.cross_entropy(10 * scores.T, target))
+    assert torch.allclose(gl(tokens, patches, mask)["loss"], expected, atol=1e-5)
+
+
+def test_knowledge_tokens_weigh_more_and_padding_weighs_nothing():
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    entity = torch.tensor([[-1, 4, -1, 2]])
+    w = local_token_weights(mask, entity, 3.0)
+    assert torch.allclose(w, torch.tensor([[0.2, 0.6, 0.2, 0.0]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Category
+
+
+def test_sinkhorn_is_doubly_stochastic():
+    scores = unit(32, 16) @ unit(8, 16, seed=1).T  # (B=32, K=8)
+    q = sinkhorn(scores, epsilon=0.05, iterations=100)
+    assert torch.allclose(q.sum(1), torch.ones(32), atol=1e-5)  # each sample's code is a distribution
+    assert torch.allclose(q.sum(0), torch.full((8,), 32 / 8), atol=1e-3)  # equipartition over prototypes
+    q3 = sinkhorn(scores, epsilon=0.05, iterations=3)  # the training setting: rows exact, columns close
+    assert torch.allclose(q3.sum(1), torch.ones(32), atol=1e-5)
+    # closer to equipartition than the plain softmax of the same sharpened scores
+    assert (q3.sum(0) - 4).abs().max() < ((scores / 0.05).softmax(1).sum(0) - 4).abs().max()
+
+
+def test_category_loss_aligned_lower_than_shuffled_and_permutation_invariant():
+    img, txt = paired(B=16, noise=0.1)
+    protos = unit(8, 16, seed=4)
+    lab = labels_from_sets([{i % 4} for i in range(16)])
+    loss_fn = CategoryLoss(temperature=0.2, supcon=True)
+    aligned = loss_fn(img, txt, protos, lab)
+    shuffled = loss_fn(img, txt[torch.roll(torch.arange(16), 3)], protos, lab)
+    assert aligned["swapped"] < shuffled["swapped"]
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(2))
+    permuted = loss_fn(img[perm], txt[perm], protos, lab[perm])
+    assert torch.allclose(aligned["loss"], permuted["loss"], atol=1e-5)
+
+
+def test_supervised_contrastive_pulls_images_that_share_a_finding():
+    lab = labels_from_sets([{1}, {1}, {2}, {2}])
+    base = unit(2, 16, seed=3)
+    grouped = F.normalize(base[[0, 0, 1, 1]] + 0.05 * unit(4, 16, seed=4), dim=-1)
+    mixed = F.normalize(base[[0, 1, 0, 1]] + 0.05 * unit(4, 16, seed=4), dim=-1)
+    assert supervised_contrastive(grouped, lab) < supervised_contrastive(mixed, lab)
+    no_pos = labels_from_sets([{1}, {2}, set(), {3}])
+    assert supervised_contrastive(grouped, no_pos) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxy tasks and gradients
+
+
+def test_hard_negatives_are_never_the_positive_nor_a_guarded_pair():
+    torch.manual_seed(0)
+    sim = torch.randn(6, 6) * 5
+    exclude = torch.zeros(6, 6, dtype=torch.bool)
+    exclude[0, 1] = exclude[1, 0] = True
+    for _ in range(20):
+        neg_t, neg_i = mine_hard_negatives(sim, exclude)
+        assert (neg_t != torch.arange(6)).all() and (neg_i != torch.arange(6)).all()
+        assert neg_t[0] != 1 and neg_i[0] != 1
+    # all other samples guarded: fall back to any other sample rather than fail
+    neg_t, _ = mine_hard_negatives(sim[:2, :2], torch.ones(2, 2, dtype=torch.bool))
+    assert neg_t.tolist() == [1, 0]
+
+
+def test_every_loss_term_has_finite_gradients():
+    img, txt = paired(B=6)
+    img, txt = img.requires_grad_(), txt.requires_grad_()
+    tokens, patches, mask, entity = local_inputs(B=4)
+    tokens, patches = tokens.requires_grad_(), patches.requires_grad_()
+    protos = unit(5, 16).requires_grad_()
+    lab = labels_from_sets([{1}, {1}, {2}, set(), {3}, {1, 2}])
+    scale = SCALE.clone().requires_grad_()
+    losses = [
+        GlobalContrastiveLoss(0.4, True)(img, txt, scale, img.detach(), txt.detach(), lab)["loss"],
+        LocalAlignmentLoss()(tokens, patches, mask, local_token_weights(mask, entity, 2.0))["loss"],
+        GloriaLocalLoss()(tokens, patches, mask)["loss"],
+        CategoryLoss()(img, txt, protos, lab)["loss"],
+    ]
+    for loss in losses:
+        grads = torch.autograd.grad(loss, [t for t in (img, txt, tokens, patches, protos, scale)], allow_unused=True)
+        used = [g for g in grads if g is not None]
+        assert used and all(torch.isfinite(g).all() for g in used)
+        assert any(g.abs().sum() > 0 for g in used)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: two gloo processes vs one process on the full batch
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        img, txt = paired(B=8)
+        img_m, txt_m = paired(B=8, seed=5)
+        lab = labels_from_sets([{i % 3} for i in range(8)])
+        sl = slice(rank * 4, rank * 4 + 4)
+        x = img[sl].clone().requires_grad_()
+        y = txt[sl].clone().requires_grad_()
+        loss = GlobalContrastiveLoss(0.4, True)(x, y, SCALE, img_m[sl], txt_m[sl], lab[sl])["loss"]
+        loss.backward()
+        q = sinkhorn(img[sl] @ unit(4, 16, seed=4).T, 0.05, 3, world_size=world)
+        torch.save({"loss": loss.detach(), "gx": x.grad, "gy": y.grad, "q": q}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_loss_gathers_across_two_gloo_ranks_like_one_big_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    img, txt = paired(B=8)
+    img_m, txt_m = paired(B=8, seed=5)
+    lab = labels_from_sets([{i % 3} for i in range(8)])
+    x, y = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    full = GlobalContrastiveLoss(0.4, True)(x, y, SCALE, img_m, txt_m, lab)["loss"]
+    full.backward()
+    # the mean of the ranks' losses is the full-batch loss ...
+    assert torch.allclose((r[0]["loss"] + r[1]["loss"]) / 2, full.detach(), atol=1e-5)
+    # ... and each rank's shard gets world_size x its full-batch gradient (DDP then divides by 2)
+    assert torch.allclose(torch.cat([r[0]["gx"], r[1]["gx"]]), 2 * x.grad, atol=1e-5)
+    assert torch.allclose(torch.cat([r[0]["gy"], r[1]["gy"]]), 2 * y.grad, atol=1e-5)
+    q_full = sinkhorn(img @ unit(4, 16, seed=4).T, 0.05, 3)
+    assert torch.allclose(torch.cat([r[0]["q"], r[1]["q"]]), q_full, atol=1e-5)
