@@ -1,0 +1,232 @@
+"""Training checkpoints: atomic writes, `resume=auto`, safe loading, and every RNG the loop uses.
+
+A checkpoint is one ``torch.save`` dict of plain containers and tensors so that it loads with
+``torch.load(..., weights_only=True)`` (no pickled code runs when a file is opened):
+
+``{"format", "step", "epoch", "batch_in_epoch", "model", "optimizer", "scheduler", "scaler",
+"rng", "config", "code_version", "metrics"}``.
+
+``model`` is the full ``state_dict`` of the model, so a divergence (momentum) encoder registered as
+a sub-module travels with it. Files live in ``RUN_DIR/checkpoints/``: ``step_00000123.pt`` (the last
+``keep_last`` of them) and ``best.pt``. Every write goes to a temporary file in the same folder and is
+renamed over the target, so a crash (even SIGKILL) never leaves a half-written checkpoint under a real
+name; a file that is nevertheless corrupt (disk full, copied half-way) is named in a
+:class:`CheckpointError`, and :func:`find_resumable` falls back to the previous good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mlip-checkpoint-v1"
+REQUIRED_KEYS = ("format", "step", "epoch", "batch_in_epoch", "model", "optimizer", "rng", "config")
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states (as tensors and plain containers, so weights_only loading accepts them)
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy, torch (CPU) and CUDA generator states as weights_only-safe objects."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA only when present on both sides)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    npd = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": npd["bit_generator"],
+            "state": {"key": npd["key"].numpy().astype(np.uint32), "pos": npd["pos"]},
+            "has_gauss": npd["has_gauss"],
+            "gauss": npd["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            warnings.warn(
+                f"checkpoint holds {len(cuda_states)} CUDA RNG states but {torch.cuda.device_count()} "
+                "devices are visible; CUDA generators are not restored (the run stays valid but is "
+                "not bitwise-reproducible)",
+                stacklevel=2,
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Code version
+
+
+def code_version() -> dict[str, str]:
+    """The package version and, when run from a git checkout, the commit and whether it was dirty."""
+    from mlip_core import __version__
+
+    info = {"package": __version__, "git_commit": "unknown", "git_dirty": "unknown"}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root, capture_output=True, text=True, timeout=5,
+            )
+            info["git_dirty"] = str(bool(dirty.stdout.strip())) if dirty.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate one checkpoint with ``weights_only=True``; :class:`CheckpointError` if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the run folder or start without --resume")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes, an interrupted copy?); delete it and resume "
+                              "from an earlier checkpoint (resume='auto' does so)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / zip errors
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:200]}); delete it and "
+            "resume from an earlier checkpoint (resume='auto' does so)"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an mlip training checkpoint (expected format {FORMAT!r}); "
+                              "pass the RUN_DIR of an mlip_core.train run")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}; it was not written by this trainer's save")
+    return ckpt
+
+
+def step_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """``step_*.pt`` files in ``ckpt_dir``, newest (highest step) first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resumable(
+    ckpt_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``ckpt_dir`` that loads; corrupt newer ones are reported and skipped.
+
+    Returns ``(path, checkpoint)`` or ``None`` when the folder holds no step checkpoint at all.
+    Raises :class:`CheckpointError` when there are checkpoints but none of them loads.
+    """
+    candidates = step_checkpoints(ckpt_dir)
+    errors: list[str] = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            warnings.warn(f"resume=auto skips {exc}", stacklevel=2)
+    if errors:
+        raise CheckpointError("no usable checkpoint in " + str(ckpt_dir) + ":\n  " + "\n  ".join(errors))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving with retention
+
+
+def save_step_checkpoint(
+    state: dict[str, Any], ckpt_dir: str | os.PathLike, step: int, keep_last: int = 2
+) -> Path:
+    """Write ``step_{step:08d}.pt`` atomically and delete all but the newest ``keep_last`` step files."""
+    ckpt_dir = Path(ckpt_dir)
+    state = {"format": FORMAT, **state}
+    path = atomic_torch_save(state, ckpt_dir / f"step_{step:08d}.pt")
+    for old in step_checkpoints(ckpt_dir)[max(keep_last, 1):]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def save_best_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike) -> Path:
+    """Write ``best.pt`` atomically."""
+    return atomic_torch_save({"format": FORMAT, **state}, Path(ckpt_dir) / "best.pt")

@@ -1,0 +1,957 @@
+"""The pretraining engine: one loop for CPU, one GPU and many GPUs (PyTorch DDP via torchrun).
+
+From a notebook::
+
+    from mlip_core.config import named_config
+    from mlip_core.train import train
+    cfg = named_config("mlip"); cfg.train.max_steps = 200
+    result = train(cfg, data_dir=workspace("offline_world"), run_dir=workspace("runs", "mlip"))
+    result.history[-1]["loss"], result.checkpoint_path, result.export_path
+
+From the command line (single process: CPU or one GPU)::
+
+    python -m mlip_core.train --config mlip --data DIR --out RUN_DIR [--max-steps N] [--resume auto] [--seed S]
+
+Many processes (DDP; gloo on CPU, nccl on GPU); ``--batch-size`` is the *global* batch, split over ranks::
+
+    torchrun --standalone --nproc_per_node 2 -m mlip_core.train --config mlip --data DIR --out RUN_DIR
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 --nproc_per_node 8 \\
+        -m mlip_core.train --config mlip --data DIR --out RUN_DIR --precision bf16
+
+What a run writes in ``RUN_DIR``: ``config.yaml``, ``metrics.jsonl`` (one JSON object per line; ``kind`` is
+``step``, ``epoch`` or ``val``), ``checkpoints/step_*.pt`` (the last ``keep_last``) and ``checkpoints/best.pt``,
+``export/image_tower.pt`` + ``export/image_tower.json`` (the pretrained image tower for transfer), and
+``tensorboard/`` when asked.
+
+Reproducibility (``deterministic=True``): the sample order comes from a sampler seeded with (seed, epoch),
+every sample's augmentation and every batch's collation (text swapping) run under a generator seeded with
+(seed, epoch, index), and the DataLoader draws its worker seeds from its own generator, so the global RNG
+that the model uses (dropout, hard-negative sampling) only sees the model. A checkpoint holds that RNG,
+the sampler position, optimizer, schedule, scaler and the whole model including the divergence encoder;
+resuming from step k replays steps k+1.. exactly as the uninterrupted run (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from mlip_core import checkpoint as ckpt_lib
+from mlip_core.repro import seed_everything
+
+log = logging.getLogger(__name__)
+
+# Parameter names (substrings) that never get weight decay, beyond every 0-/1-d tensor (biases, norms).
+NO_DECAY_NAME_PARTS = ("logit_scale", "temperature", "prototype", "bias", "norm", "position_embedding")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed context
+
+
+@dataclass
+class DistInfo:
+    """Rank, world size and device of this process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``); nccl on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu" if device == "auto" else device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices/kernels; none on biases, norms, temperatures, prototypes.
+
+    Frozen parameters (``requires_grad=False``, e.g. the divergence encoder) are left out.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lname = name.lower()
+        if p.ndim <= 1 or any(part in lname for part in NO_DECAY_NAME_PARTS):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Multiplier of the base lr at ``step``: linear warm-up from 0 then cosine to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _CosineFactor:
+    """A picklable lr-lambda (LambdaLR stores callables' ``__dict__`` only when they are objects)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float) -> None:
+        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        return cosine_lr_factor(step, self.total_steps, self.warmup_steps, self.min_ratio)
+
+
+def build_optimizer(model: nn.Module, tc: Any, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over :func:`param_groups` and a warm-up + cosine ``LambdaLR`` stepped once per optimizer step."""
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    warmup = tc.warmup_steps if tc.warmup_steps > 0 else int(round(tc.warmup_ratio * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _CosineFactor(total_steps, warmup, tc.min_lr_ratio))
+    return opt, sched
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic data: resumable sampler, per-sample seeded augmentation, per-batch seeded collation
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (seeded by (seed, epoch)) that yields ``(epoch, index)`` and can start mid-epoch.
+
+    Rank r takes every world-th index of the epoch's permutation, so the union of the ranks' k-th batches is
+    the k-th batch of a single process with the same global batch: DDP and one process see the same data.
+    """
+
+    def __init__(self, data_len: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True) -> None:
+        super().__init__(range(data_len), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` indices of this rank's share of the epoch (resume)."""
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, int(i)) for i in indices])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+def _seed_for(*key: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([int(k) % (2**32) for k in key]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block with python, numpy and torch (CPU) generators seeded, restoring them afterwards."""
+    import random
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededDataset(Dataset):
+    """Wraps a map-style dataset: item ``(epoch, i)`` is ``dataset[i]`` drawn under a (seed, epoch, i) generator."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        with seeded_rng(_seed_for(self.seed, epoch, index)):
+            item = dict(self.dataset[index])
+        item["_key"] = (epoch, index)
+        return item
+
+
+class SeededCollate:
+    """Wraps a collator: runs it under a generator seeded by the batch's (epoch, indices); adds ``_meta``.
+
+    ``_meta`` holds ``index`` and ``study_id`` (B,) long tensors for retrieval; the trainer pops it before
+    the batch reaches the model.
+    """
+
+    def __init__(self, collate_fn: Callable[[list[dict]], dict], seed: int) -> None:
+        self.collate_fn, self.seed = collate_fn, seed
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        keys = [it.pop("_key", (0, -1)) for it in items]
+        epoch = keys[0][0]
+        with seeded_rng(_seed_for(self.seed, 1_000_003, epoch, *[k[1] for k in keys])):
+            batch = dict(self.collate_fn(items))
+        index = torch.tensor([k[1] for k in keys], dtype=torch.long)
+        study = torch.tensor([int(it.get("study_id", k[1])) for it, k in zip(items, keys)], dtype=torch.long)
+        batch["_meta"] = {"index": index, "study_id": study}
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval metrics
+
+
+@torch.no_grad()
+def retrieval_recall(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, group: torch.Tensor | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Image->text and text->image recall@K for paired rows of (N,D) embeddings.
+
+    A hit is any candidate in the query's ``group`` (N,) (e.g. the study: several images share one report);
+    without groups only the paired row counts. Returns ``{"i2t_R@1": ..., "t2i_R@1": ..., "recall_mean": ...}``
+    in percent.
+    """
+    n = image_emb.shape[0]
+    if group is None:
+        group = torch.arange(n)
+    sim = image_emb.float() @ text_emb.float().T  # (N, N)
+    same = group.view(-1, 1) == group.view(1, -1)  # (N, N) hit mask
+    out: dict[str, float] = {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        order = s.argsort(dim=1, descending=True)  # (N, N) candidates by rank
+        hits = torch.gather(same, 1, order)  # (N, N) is the r-th candidate a hit
+        first = hits.float().argmax(dim=1)  # rank of the first hit (every row has one: itself)
+        for k in ks:
+            out[f"{name}_R@{k}"] = 100.0 * (first < k).float().mean().item()
+    out["recall_mean"] = float(np.mean([out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics logging
+
+
+def _memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory allocated since the last reset, or this process's resident memory on CPU."""
+    if device.type == "cuda":
+        return {"mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    try:
+        import psutil
+
+        return {"mem_mb": psutil.Process().memory_info().rss / 2**20}
+    except ImportError:  # pragma: no cover - psutil comes with ipykernel
+        import resource
+
+        return {"mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one record per line) and optional TensorBoard scalars; main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int, epoch: int) -> None:
+        """On resume: drop step records after ``step`` and epoch/val records of epochs >= ``epoch``."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+            if rec.get("kind") == "step" and rec.get("step", 0) > step:
+                continue
+            if rec.get("kind") in ("epoch", "val") and rec.get("epoch", 0) >= epoch:
+                continue
+            kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            kind, step = record.get("kind", "step"), record.get("step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
+    """Records of ``RUN_DIR/metrics.jsonl`` (of one ``kind`` when given)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    recs = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if kind is None or rec.get("kind") == kind:
+            recs.append(rec)
+    return recs
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind: per-step history, validation history and the files it wrote."""
+
+    history: list[dict[str, Any]]
+    val_history: list[dict[str, Any]]
+    checkpoint_path: Path | None
+    best_checkpoint_path: Path | None
+    export_path: Path | None
+    run_dir: Path
+    steps: int
+    resumed_from: Path | None = None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and/or torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    """Tensors of a batch to ``device`` (images optionally channels_last); other values unchanged."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and k == "image" and v.ndim == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: None (fp32) on CPU or when asked; bf16 where supported else fp16 on CUDA for 'auto'."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    raise ValueError(f"precision must be auto|fp32|bf16|fp16, got {precision!r}")
+
+
+class Trainer:
+    """Owns the loop: optimizer, schedule, AMP, DDP, logging, validation, checkpoints and export.
+
+    ``model(batch) -> dict`` must return ``loss`` and ``loss_<term>`` scalars; optional ``momentum_update()``
+    runs after every optimizer step; ``encode_image(x)`` / ``encode_text(ids, mask)`` serve retrieval; and
+    ``image_tower`` is exported. Datasets yield dicts with at least ``image`` and ``study_id``.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        run_dir: str | os.PathLike,
+        model: nn.Module,
+        train_set: Dataset,
+        collate_fn: Callable[[list[dict]], dict],
+        val_set: Dataset | None = None,
+        val_collate_fn: Callable[[list[dict]], dict] | None = None,
+        dist_info: DistInfo | None = None,
+    ) -> None:
+        self.config = config
+        self.tc = config.train
+        self.run_dir = Path(run_dir)
+        self.dist = dist_info or init_distributed(self.tc.device)
+        self.device = self.dist.device
+        tc = self.tc
+        if tc.batch_size % self.dist.world_size:
+            raise ValueError(f"batch_size {tc.batch_size} (global) is not divisible by {self.dist.world_size} ranks")
+        self.local_batch = tc.batch_size // self.dist.world_size
+        self.train_set, self.val_set = train_set, val_set
+        self.collate_fn = collate_fn
+        self.val_collate_fn = val_collate_fn or collate_fn
+        if len(train_set) < tc.batch_size:  # type: ignore[arg-type]
+            raise ValueError(f"the training set has {len(train_set)} samples, fewer than one batch "  # type: ignore
+                             f"({tc.batch_size}); lower batch_size or write a larger dataset")
+
+        self.module = model.to(self.device)
+        if tc.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        if self.dist.distributed and tc.sync_batchnorm and self.device.type == "cuda":
+            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+        self.autocast_dtype = _resolve_precision(tc.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+
+        self.micro_per_epoch = (len(ResumableSampler(len(train_set), self.dist.world_size, self.dist.rank))  # type: ignore
+                                // self.local_batch // tc.grad_accum_steps) * tc.grad_accum_steps
+        self.steps_per_epoch = self.micro_per_epoch // tc.grad_accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"one optimizer step needs {tc.batch_size * tc.grad_accum_steps} samples; the training "
+                             f"set has {len(train_set)}: lower batch_size or grad_accum_steps")  # type: ignore
+        self.total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * self.steps_per_epoch
+        self.optimizer, self.scheduler = build_optimizer(self.module, tc, self.total_steps)
+
+        fwd: nn.Module = self.module
+        if self.dist.distributed:
+            fwd = nn.parallel.DistributedDataParallel(
+                fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=tc.find_unused_parameters)
+        if tc.compile:
+            fwd = torch.compile(fwd)  # type: ignore[assignment]
+        self.forward_model = fwd
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.best_value: float | None = None
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.metrics = MetricsLog(self.run_dir, self.dist.is_main, tc.tensorboard)
+        self.resumed_from: Path | None = None
+        self.last_checkpoint: Path | None = None
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: see :mod:`mlip_core.checkpoint`."""
+        from mlip_core.config import config_to_dict
+
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt_lib.rng_state(),
+            "config": config_to_dict(self.config),
+            "code_version": ckpt_lib.code_version(),
+            "best_value": self.best_value,
+            "world_size": self.dist.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (RNG last, so nothing after it perturbs the generators)."""
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best_value = state.get("best_value")
+        if state.get("world_size", 1) != self.dist.world_size:
+            log.warning("checkpoint was written by %s processes, resuming with %s: the data order differs "
+                        "from an uninterrupted run", state.get("world_size"), self.dist.world_size)
+        ckpt_lib.set_rng_state(state["rng"])
+
+    def save(self) -> Path | None:
+        """Write ``step_*.pt`` (main process; others wait)."""
+        path = None
+        if self.dist.is_main:
+            path = ckpt_lib.save_step_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.tc.keep_last)
+            self.last_checkpoint = path
+        self._barrier()
+        return path
+
+    def resume(self, resume: str | os.PathLike | None) -> Path | None:
+        """``"auto"``: the newest good checkpoint of this run (none: start fresh); a path: that file."""
+        if not resume:
+            return None
+        if str(resume) == "auto":
+            found = ckpt_lib.find_resumable(self.ckpt_dir)
+            if found is None:
+                return None
+            path, state = found
+        else:
+            path, state = Path(resume), ckpt_lib.load_checkpoint(resume)
+        self._check_config(state.get("config", {}), path)
+        self.load_state_dict(state)
+        self.metrics.truncate_after(self.step, self.epoch)
+        self.resumed_from = path
+        self.last_checkpoint = path
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                     self.batch_in_epoch)
+        return path
+
+    def _check_config(self, saved: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another model; training-section differences are only reported."""
+        from mlip_core.config import config_to_dict
+
+        now = config_to_dict(self.config)
+        for section in ("model", "loss"):
+            if section in saved and saved[section] != now.get(section):
+                raise ckpt_lib.CheckpointError(
+                    f"checkpoint {path} was trained with a different '{section}' config; resume with the run's "
+                    f"config.yaml (--config {self.run_dir / 'config.yaml'}) or start a new --out folder")
+        if saved.get("train") != now.get("train"):
+            diff = {k: (saved.get("train", {}).get(k), v) for k, v in now.get("train", {}).items()
+                    if saved.get("train", {}).get(k) != v}
+            log.warning("resuming %s with changed training settings (saved, now): %s", path, diff)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        if self.dist.distributed:
+            dist.barrier()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _loader(self, dataset: Dataset, collate_fn: Callable, sampler: Any, batch_size: int,
+                drop_last: bool) -> DataLoader:
+        # The loader draws its worker base seed from this generator, not from the global RNG.
+        gen = torch.Generator().manual_seed(_seed_for(self.tc.seed, 7, getattr(sampler, "epoch", 0)))
+        return DataLoader(
+            SeededDataset(dataset, self.tc.seed), batch_size=batch_size, sampler=sampler,
+            collate_fn=SeededCollate(collate_fn, self.tc.seed), num_workers=self.tc.num_workers,
+            drop_last=drop_last, pin_memory=self.device.type == "cuda", generator=gen,
+            persistent_workers=False,
+        )
+
+    def _reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average scalar metrics over ranks."""
+        if not self.dist.distributed or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        t /= self.dist.world_size
+        return dict(zip(keys, t.tolist()))
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train until ``total_steps`` (or ``stop_at_step``); validate each epoch; checkpoint; export."""
+        from tqdm.auto import tqdm
+
+        tc = self.tc
+        stop_at = min(self.total_steps, tc.stop_at_step) if tc.stop_at_step > 0 else self.total_steps
+        bar = tqdm(total=stop_at, initial=self.step, desc="pretrain", disable=not (self.dist.is_main and tc.progress),
+                   dynamic_ncols=True)
+        sampler = ResumableSampler(len(self.train_set), self.dist.world_size, self.dist.rank, seed=tc.seed)  # type: ignore
+        did_val_at: int | None = None
+        try:
+            while self.step < stop_at:
+                sampler.set_epoch(self.epoch)
+                sampler.set_start(self.batch_in_epoch * self.local_batch)
+                loader = self._loader(self.train_set, self.collate_fn, sampler, self.local_batch, drop_last=True)
+                it = iter(loader)
+                accum: dict[str, float] = {}
+                t0 = time.perf_counter()
+                while self.batch_in_epoch < self.micro_per_epoch and self.step < stop_at:
+                    batch = next(it)
+                    k = self.batch_in_epoch % tc.grad_accum_steps
+                    last_micro = k == tc.grad_accum_steps - 1
+                    self._micro_step(batch, last_micro, accum)
+                    self.batch_in_epoch += 1
+                    if not last_micro:
+                        continue
+                    self._optimizer_step()
+                    dt = time.perf_counter() - t0
+                    record = self._step_record(accum, dt)
+                    accum, t0 = {}, time.perf_counter()
+                    if self.step % tc.log_every == 0 or self.step == stop_at:
+                        self.metrics.write(record)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                    if tc.checkpoint_every > 0 and self.step % tc.checkpoint_every == 0:
+                        self.save()
+                del it, loader
+                if self.batch_in_epoch >= self.micro_per_epoch:  # a full epoch: validate, then move on
+                    if tc.val_every > 0 and (self.epoch + 1) % tc.val_every == 0:
+                        self._validate_and_track()
+                        did_val_at = self.step
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    self.save()
+            if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}.pt"):
+                self.save()
+            if self.step >= self.total_steps and did_val_at != self.step and self.val_set is not None \
+                    and tc.val_every > 0:
+                self._validate_and_track(final=True)
+            export = self.export_image_tower() if self.dist.is_main else None
+        finally:
+            bar.close()
+            self.metrics.close()
+        self._barrier()
+        best = self.ckpt_dir / "best.pt"
+        return TrainResult(
+            history=read_metrics(self.run_dir, "step"), val_history=read_metrics(self.run_dir, "val"),
+            checkpoint_path=self.last_checkpoint, best_checkpoint_path=best if best.exists() else None,
+            export_path=export, run_dir=self.run_dir, steps=self.step, resumed_from=self.resumed_from,
+        )
+
+    def _micro_step(self, batch: dict[str, Any], last_micro: bool, accum: dict[str, float]) -> None:
+        """Forward + backward of one micro-batch; gradients sync over ranks only on the last one."""
+        batch.pop("_meta", None)
+        batch = _to_device(batch, self.device, self.tc.channels_last)
+        self.forward_model.train()
+        sync = contextlib.nullcontext()
+        if self.dist.distributed and not last_micro and hasattr(self.forward_model, "no_sync"):
+            sync = self.forward_model.no_sync()
+        with sync:
+            with self._autocast():
+                out = self.forward_model(batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step + 1}; lower lr or use "
+                                         "precision fp32/bf16 (terms: " + ", ".join(
+                                             f"{k}={float(v):.4g}" for k, v in out.items()
+                                             if k.startswith("loss_") and torch.is_tensor(v) and v.numel() == 1) + ")")
+            self.scaler.scale(loss / self.tc.grad_accum_steps).backward()
+        n = self.tc.grad_accum_steps
+        for k, v in out.items():
+            if (k == "loss" or k.startswith("loss_")) and torch.is_tensor(v) and v.numel() == 1:
+                accum[k] = accum.get(k, 0.0) + float(v.detach()) / n
+        accum["_images"] = accum.get("_images", 0.0) + batch["image"].shape[0] * self.dist.world_size
+
+    def _optimizer_step(self) -> None:
+        """Unscale, clip, step, schedule, zero, then update the divergence encoder."""
+        tc = self.tc
+        self.scaler.unscale_(self.optimizer)
+        self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # the lr this step uses
+        if tc.clip_grad_norm > 0:
+            self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), tc.clip_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.module, "momentum_update"):
+            self.module.momentum_update()
+        self.step += 1
+
+    def _step_record(self, accum: dict[str, float], dt: float) -> dict[str, Any]:
+        images = accum.pop("_images", 0.0)
+        losses = self._reduce_mean(accum)
+        rec: dict[str, Any] = {"kind": "step", "step": self.step, "epoch": self.epoch,
+                               "lr": self._last_lr, **losses,
+                               "images_per_s": images / max(dt, 1e-9), "time_s": dt}
+        if getattr(self, "_last_grad_norm", None) is not None:
+            rec["grad_norm"] = self._last_grad_norm
+        rec.update(_memory_mb(self.device))
+        return rec
+
+    # -- validation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean loss terms and image-text retrieval R@1/5/10 (both directions) on the validation set.
+
+        Runs under a forked RNG, so validating never changes what training draws next.
+        """
+        if self.val_set is None:
+            return {}
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._validate()
+
+    def _validate(self) -> dict[str, float]:
+        model = self.module
+        was_training = model.training
+        model.eval()
+        # No drop: the last rank's share is padded with repeats, removed again after the gather.
+        sampler = ResumableSampler(len(self.val_set), self.dist.world_size, self.dist.rank, shuffle=False,  # type: ignore
+                                   drop_last=False)
+        loader = self._loader(self.val_set, self.val_collate_fn, sampler, self.local_batch, drop_last=False)
+        sums: dict[str, float] = {}
+        count = 0
+        img, txt, idx, grp = [], [], [], []
+        for batch in loader:
+            meta = batch.pop("_meta")
+            batch = _to_device(batch, self.device, self.tc.channels_last)
+            with self._autocast():
+                out = model(batch)
+                ie = model.encode_image(batch["image"], normalize=True)
+                te = model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)
+            b = batch["image"].shape[0]
+            for k, v in out.items():
+                if (k == "loss" or k.startswith("loss_")) and torch.is_tensor(v) and v.numel() == 1:
+                    sums[k] = sums.get(k, 0.0) + float(v) * b
+            count += b
+            img.append(ie.float().cpu()), txt.append(te.float().cpu())
+            idx.append(meta["index"]), grp.append(meta["study_id"])
+        model.train(was_training)
+        losses = {k: v / max(count, 1) for k, v in sums.items()}
+        losses = self._reduce_mean(losses)
+        parts = (torch.cat(img), torch.cat(txt), torch.cat(idx), torch.cat(grp))
+        if self.dist.distributed:
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, parts)
+            parts = tuple(torch.cat([g[i] for g in gathered]) for i in range(4))  # type: ignore[assignment]
+        ie_all, te_all, idx_all, grp_all = parts
+        # The sampler pads the last rank by repeating samples: keep each index once.
+        _, first = np.unique(idx_all.numpy(), return_index=True)
+        keep = torch.from_numpy(np.sort(first))
+        recall = retrieval_recall(ie_all[keep], te_all[keep], grp_all[keep])
+        return {**{f"val_{k}": v for k, v in losses.items()}, **recall, "val_n": int(keep.numel())}
+
+    def _validate_and_track(self, final: bool = False) -> dict[str, float]:
+        metrics = self.validate()
+        if not metrics:
+            return metrics
+        rec = {"kind": "val", "step": self.step, "epoch": self.epoch, **metrics}
+        self.metrics.write(rec)
+        if self.dist.is_main:
+            log.info("validation at step %d: %s", self.step,
+                     ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        key, mode = self.tc.best_metric, self.tc.best_mode
+        value = metrics.get(key)
+        if value is not None and (self.best_value is None or (value > self.best_value if mode == "max"
+                                                                else value < self.best_value)):
+            self.best_value = float(value)
+            if self.dist.is_main:
+                ckpt_lib.save_best_checkpoint(self.state_dict(), self.ckpt_dir)
+        return metrics
+
+    # -- export ----------------------------------------------------------------------------
+
+    def export_image_tower(self) -> Path:
+        """``RUN_DIR/export/image_tower.pt`` (a plain state_dict) + ``image_tower.json`` (config, step)."""
+        from mlip_core.config import config_to_dict
+
+        out = self.run_dir / "export"
+        tower = self.module.image_tower
+        state = {k: v.detach().cpu().clone() for k, v in tower.state_dict().items()}
+        path = ckpt_lib.atomic_torch_save(state, out / "image_tower.pt")
+        cfg = config_to_dict(self.config)
+        meta = {"image": cfg.get("model", {}).get("image", {}), "config": cfg, "step": self.step,
+                "code_version": ckpt_lib.code_version(), "state_dict": path.name}
+        tmp = out / "image_tower.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, out / "image_tower.json")
+        return path
+
+
+def load_image_tower_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an export (``image_tower.pt`` or its folder/run folder): ``(state_dict, metadata)``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "image_tower.pt" if (path / "image_tower.pt").exists() else path / "export" / "image_tower.pt"
+    meta_path = path.with_suffix(".json")
+    if not path.exists() or not meta_path.exists():
+        raise FileNotFoundError(f"{path}: no exported image tower (expected image_tower.pt + image_tower.json); "
+                                "run mlip_core.train to the end, or call Trainer.export_image_tower()")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ckpt_lib.CheckpointError(f"{path} is corrupt or truncated ({exc}); re-export it from a checkpoint") from exc
+    return state, json.loads(meta_path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a run from a config and a dataset folder
+
+
+def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo) -> dict[str, Any]:
+    """Model, train/val datasets and collators for ``config`` on a MIMIC-CXR-JPG-layout folder."""
+    raise NotImplementedError("waiting for the model and dataset modules")  # replaced when they land
+
+
+def train(
+    config: Any,
+    data_dir: str | os.PathLike | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    *,
+    model: nn.Module | None = None,
+    train_set: Dataset | None = None,
+    val_set: Dataset | None = None,
+    collate_fn: Callable[[list[dict]], dict] | None = None,
+) -> TrainResult:
+    """Train ``config`` (a :class:`mlip_core.config.Config`) and return history and checkpoint paths.
+
+    Either ``data_dir`` (an offline world or MIMIC-CXR-JPG) builds model, datasets and collator from the
+    config, or the caller passes ``model``/``train_set``/``collate_fn`` (``val_set`` optional) directly.
+    A caller that passes ``model`` seeds its initialisation itself (``seed_everything(config.train.seed)``).
+    ``resume="auto"`` continues from the newest good checkpoint in ``run_dir`` when there is one.
+    """
+    from mlip_core.config import save_config
+    from mlip_core.paths import workspace
+
+    tc = config.train
+    info = init_distributed(tc.device)
+    # Same seed on every rank: identical initial weights (DDP also broadcasts them from rank 0).
+    seed_everything(tc.seed, deterministic=tc.deterministic)
+    run_dir = Path(run_dir) if run_dir is not None else workspace("runs", config.name)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    if model is None or train_set is None or collate_fn is None:
+        if data_dir is None:
+            raise ValueError("pass data_dir (a MIMIC-CXR-JPG-layout folder) or model, train_set and collate_fn")
+        built = build_run(config, data_dir, info)
+        model = model or built["model"]
+        train_set = train_set or built["train_set"]
+        val_set = val_set if val_set is not None else built.get("val_set")
+        collate_fn = collate_fn or built["collate_fn"]
+    trainer = Trainer(config, run_dir, model, train_set, collate_fn, val_set, dist_info=info)
+    trainer.resume(resume)
+    result = trainer.fit()
+    if info.is_main and tc.progress:
+        print(f"run folder: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}\n  last checkpoint: "
+              f"{result.checkpoint_path}\n  image tower: {result.export_path}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mlip_core.train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="mlip",
+                   help="a named config (mlip, convirt, gloria, mgca, mlip_no_<part>) or a YAML file")
+    p.add_argument("--data", required=True, help="dataset folder in MIMIC-CXR-JPG layout (offline world or real)")
+    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, export/")
+    p.add_argument("--resume", default=None, help="'auto' (newest good checkpoint in --out) or a checkpoint path")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--stop-at-step", type=int, default=None, help="stop after this step (schedule unchanged)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split over ranks)")
+    p.add_argument("--grad-accum-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-tower", default=None, help="timm name, e.g. resnet18, resnet50")
+    p.add_argument("--text-tower", default=None, help="minilm, tiny, or a Hub name / local folder")
+    p.add_argument("--deterministic", action="store_true", default=None)
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None)
+    p.add_argument("--tensorboard", action="store_true", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config field, e.g. --set loss.itm=false --set train.warmup_ratio=0.1")
+    return p.parse_args(argv)
+
+
+def _apply_override(cfg: Any, dotted: str) -> None:
+    """``a.b.c=value`` (value parsed as YAML) onto nested dataclasses; unknown fields raise."""
+    import yaml
+
+    if "=" not in dotted:
+        raise ValueError(f"--set {dotted!r}: expected SECTION.KEY=VALUE")
+    key, raw = dotted.split("=", 1)
+    obj = cfg
+    parts = key.split(".")
+    for p in parts[:-1]:
+        obj = getattr(obj, p)
+    if not hasattr(obj, parts[-1]):
+        raise ValueError(f"--set {dotted!r}: {type(obj).__name__} has no field {parts[-1]!r}")
+    setattr(obj, parts[-1], yaml.safe_load(raw))
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The config the CLI asks for: named or YAML, then the explicit flags, then ``--set`` overrides."""
+    from mlip_core.config import load_config, named_config
+
+    cfg = load_config(args.config) if args.config.endswith((".yaml", ".yml")) else named_config(args.config)
+    tc = cfg.train
+    for flag, attr in (("max_steps", "max_steps"), ("epochs", "epochs"), ("stop_at_step", "stop_at_step"),
+                       ("seed", "seed"), ("batch_size", "batch_size"), ("grad_accum_steps", "grad_accum_steps"),
+                       ("lr", "lr"), ("precision", "precision"), ("num_workers", "num_workers"),
+                       ("checkpoint_every", "checkpoint_every"), ("deterministic", "deterministic"),
+                       ("channels_last", "channels_last"), ("compile", "compile"), ("tensorboard", "tensorboard")):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(tc, attr, value)
+    if args.no_progress:
+        tc.progress = False
+    if args.image_size is not None:
+        cfg.model.image.image_size = args.image_size
+    if args.image_tower is not None:
+        cfg.model.image.name = args.image_tower
+    if args.text_tower is not None:
+        cfg.model.text.name = args.text_tower
+    for item in args.set:
+        _apply_override(cfg, item)
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (also under torchrun)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        train(cfg, data_dir=args.data, run_dir=args.out, resume=args.resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

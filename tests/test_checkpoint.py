@@ -1,0 +1,115 @@
+"""Checkpoint files: atomic writes, clear errors on damaged files, resume=auto fallback, RNG round trip."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlip_core import checkpoint as ck
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_train_run import run  # noqa: E402
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "epoch": 0, "batch_in_epoch": step, "model": {"w": torch.full((3,), float(step))},
+            "optimizer": {}, "rng": ck.rng_state(), "config": {"train": {}}}
+
+
+def test_atomic_save_leaves_no_temp_file_and_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "a.pt"
+    ck.atomic_torch_save({"x": torch.ones(2)}, target)
+    assert torch.load(target, weights_only=True)["x"].sum() == 2
+
+    def broken_save(obj, fh):
+        fh.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.atomic_torch_save({"x": torch.zeros(2)}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]  # no temp file left behind
+    assert torch.load(target, weights_only=True)["x"].sum() == 2  # the previous file is intact
+
+
+def test_truncated_checkpoint_raises_error_naming_the_file(tmp_path):
+    path = ck.save_step_checkpoint(_state(3), tmp_path, 3)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ck.CheckpointError, match="step_00000003.pt.*corrupt or truncated"):
+        ck.load_checkpoint(path)
+
+
+def test_garbage_and_empty_files_raise_checkpoint_error(tmp_path):
+    garbage = tmp_path / "step_00000001.pt"
+    garbage.write_bytes(b"\x00not a zip archive" * 10)
+    with pytest.raises(ck.CheckpointError, match="step_00000001.pt"):
+        ck.load_checkpoint(garbage)
+    empty = tmp_path / "step_00000002.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ck.CheckpointError, match="empty"):
+        ck.load_checkpoint(empty)
+
+
+def test_pickled_code_is_refused_by_weights_only_loading(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil.pt"  # any non-allowlisted class would run its reducer on a plain torch.load
+    torch.save({**_state(1), "format": ck.FORMAT, "extra": argparse.Namespace(cmd="rm -rf")}, path)
+    with pytest.raises(ck.CheckpointError, match="evil.pt"):
+        ck.load_checkpoint(path)
+
+
+def test_foreign_file_is_not_taken_for_a_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(1)}, path)
+    with pytest.raises(ck.CheckpointError, match="not an mlip training checkpoint"):
+        ck.load_checkpoint(path)
+
+
+def test_resume_auto_falls_back_to_previous_good_checkpoint(tmp_path):
+    for step in (2, 4, 6):
+        ck.save_step_checkpoint(_state(step), tmp_path, step, keep_last=3)
+    newest = tmp_path / "step_00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="step_00000006.pt"):
+        path, state = ck.find_resumable(tmp_path)
+    assert path.name == "step_00000004.pt" and state["step"] == 4
+
+
+def test_resume_auto_with_only_bad_checkpoints_raises_and_empty_folder_starts_fresh(tmp_path):
+    assert ck.find_resumable(tmp_path / "missing") is None
+    (tmp_path / "step_00000001.pt").write_bytes(b"junk")
+    with pytest.warns(UserWarning), pytest.raises(ck.CheckpointError, match="no usable checkpoint"):
+        ck.find_resumable(tmp_path)
+
+
+def test_only_the_last_k_step_checkpoints_are_kept(tmp_path):
+    for step in range(1, 6):
+        ck.save_step_checkpoint(_state(step), tmp_path, step, keep_last=2)
+    assert [p.name for p in ck.step_checkpoints(tmp_path)] == ["step_00000005.pt", "step_00000004.pt"]
+
+
+def test_rng_state_round_trip_restores_python_numpy_torch(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = ck.atomic_torch_save(ck.rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ck.set_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_trainer_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path):
+    run(str(tmp_path), max_steps=6, checkpoint_every=2, keep_last=3, epochs=1)
+    newest = tmp_path / "checkpoints" / "step_00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:-500])
+    with pytest.warns(UserWarning, match="step_00000006.pt"):
+        result = run(str(tmp_path), resume="auto", max_steps=6, checkpoint_every=2, keep_last=3, epochs=1)
+    assert result.resumed_from.name == "step_00000004.pt"
+    assert result.steps == 6
+    assert [r["step"] for r in result.history] == [1, 2, 3, 4, 5, 6]  # no duplicated records after resume

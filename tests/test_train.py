@@ -1,0 +1,173 @@
+"""The pretraining engine: optimizer groups, schedule, retrieval metrics, determinism, exact resume, DDP, export.
+
+Engine tests use the toy model of ``toy_clip.py`` (seconds); ``test_*_mlip_*`` tests run the real MLIP on a
+tiny offline world.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlip_core.train import (
+    ResumableSampler,
+    cosine_lr_factor,
+    load_image_tower_export,
+    param_groups,
+    retrieval_recall,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_clip import ToyCLIP  # noqa: E402
+from toy_train_run import run  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["model"]
+
+
+def _losses(history: list[dict]) -> list[tuple]:
+    return [(r["step"], r["loss"], r["loss_global"], r["lr"]) for r in history]
+
+
+def test_weight_decay_skips_biases_norms_temperature_prototypes_and_frozen_momentum_copy():
+    model = ToyCLIP()
+    groups = {g["name"]: g for g in param_groups(model, 0.05)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups["decay"]["params"]}
+    plain = {names[id(p)] for p in groups["no_decay"]["params"]}
+    assert decayed == {"image_tower.0.weight", "image_proj.weight", "text_embed.weight", "text_proj.weight"}
+    assert {"logit_scale", "prototypes", "image_tower.1.weight", "image_tower.1.bias", "text_proj.bias"} <= plain
+    assert not any(n.startswith("m_image") for n in decayed | plain)
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.05
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_min_ratio():
+    f = [cosine_lr_factor(s, total_steps=20, warmup_steps=4, min_ratio=0.1) for s in range(21)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0) and f[12] == pytest.approx(0.55) and f[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_retrieval_recall_counts_any_image_of_the_same_study_as_a_hit():
+    img = torch.eye(4)
+    # Text 0 is closest to image 1 (same study as image 0); text 2 is closest to image 3 (another study).
+    txt = torch.tensor([[0.0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]])
+    r = retrieval_recall(img, txt, group=torch.tensor([7, 7, 8, 9]), ks=(1, 2))
+    # i2t: image0 -> texts 0/1 score 0, image1 -> text0/1 (hit), image2 -> nothing above 0, image3 -> text 3 hit
+    assert r["t2i_R@1"] == 75.0  # text0->img1 hit (group 7), text1 hit, text2->img3 miss, text3 hit
+    no_groups = retrieval_recall(img, txt, ks=(1,))
+    assert no_groups["t2i_R@1"] == 50.0  # text0 -> image1 is now a miss
+    assert 0.0 <= r["recall_mean"] <= 100.0
+
+
+def test_ddp_sampler_shards_union_equals_single_process_batches():
+    single = [i for _, i in ResumableSampler(26, 1, 0, seed=3)]
+    r0 = [i for _, i in ResumableSampler(26, 2, 0, seed=3)]
+    r1 = [i for _, i in ResumableSampler(26, 2, 1, seed=3)]
+    b = 4  # global batch 8 = 2 ranks x 4
+    for k in range(3):
+        assert sorted(r0[k * b:(k + 1) * b] + r1[k * b:(k + 1) * b]) == sorted(single[k * 2 * b:(k + 1) * 2 * b])
+    s = ResumableSampler(26, 1, 0, seed=3)
+    s.set_start(5)
+    assert [i for _, i in s] == single[5:]
+
+
+def test_short_run_decreases_loss(tmp_path):
+    result = run(str(tmp_path), epochs=4, lr=1e-2)
+    losses = [r["loss_global"] for r in result.history]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4  # measured: 2.69 -> 2.16
+
+
+def test_same_seed_gives_identical_loss_history_and_weights(tmp_path):
+    a = run(str(tmp_path / "a"), max_steps=5, seed=11)
+    b = run(str(tmp_path / "b"), max_steps=5, seed=11)
+    c = run(str(tmp_path / "c"), max_steps=5, seed=12)
+    assert _losses(a.history) == _losses(b.history)
+    wa, wb = _weights(a.run_dir, 5), _weights(b.run_dir, 5)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _losses(a.history) != _losses(c.history)
+
+
+@pytest.mark.parametrize("accum,workers", [(1, 0), (2, 2)])
+def test_resume_after_interruption_is_bitwise_equal(tmp_path, accum, workers):
+    kw = dict(epochs=3, batch_size=4 if accum == 2 else 8, grad_accum_steps=accum, num_workers=workers)
+    full = run(str(tmp_path / "full"), **kw)
+    total = full.steps
+    # Interrupted mid-epoch (step 4 of 6 in epoch 0), then again right after an epoch boundary.
+    run(str(tmp_path / "cut"), stop_at_step=4, **kw)
+    run(str(tmp_path / "cut"), resume="auto", stop_at_step=7, **kw)
+    cut = run(str(tmp_path / "cut"), resume="auto", **kw)
+    assert cut.resumed_from.name == "step_00000007.pt"
+    assert _losses(cut.history) == _losses(full.history)
+    wf, wc = _weights(full.run_dir, total), _weights(cut.run_dir, total)
+    assert wf.keys() == wc.keys() and any(k.startswith("m_image") for k in wf)  # momentum encoder included
+    assert all(torch.equal(wf[k], wc[k]) for k in wf), [k for k in wf if not torch.equal(wf[k], wc[k])]
+    full_opt = torch.load(full.checkpoint_path, weights_only=True)["optimizer"]["state"]
+    cut_opt = torch.load(cut.checkpoint_path, weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(full_opt[i]["exp_avg"], cut_opt[i]["exp_avg"]) for i in full_opt)
+
+
+def test_metrics_jsonl_logs_each_term_lr_throughput_memory_and_validation(tmp_path):
+    result = run(str(tmp_path), epochs=2)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "step"]
+    vals = [r for r in recs if r["kind"] == "val"]
+    assert len(steps) == 12 and len(vals) == 2 and [v["epoch"] for v in vals] == [0, 1]
+    for key in ("loss", "loss_global", "loss_soft", "loss_proto", "lr", "images_per_s", "mem_mb"):
+        assert all(key in r for r in steps), key
+    assert steps[0]["lr"] < steps[1]["lr"]  # warm-up
+    for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "val_loss", "val_loss_global"):
+        assert key in vals[-1], key
+    assert vals[-1]["val_n"] == 16
+    assert result.best_checkpoint_path is not None and result.best_checkpoint_path.exists()
+
+
+def test_exported_image_tower_loads_into_a_fresh_tower(tmp_path):
+    result = run(str(tmp_path), max_steps=3)
+    state, meta = load_image_tower_export(tmp_path)
+    fresh = ToyCLIP().image_tower
+    fresh.load_state_dict(state)
+    trained = _weights(tmp_path, 3)
+    assert torch.equal(fresh[0].weight, trained["image_tower.0.weight"])
+    assert meta["step"] == 3 and meta["config"]["train"]["max_steps"] == 3
+    assert result.export_path == tmp_path / "export" / "image_tower.pt"
+
+
+def test_torchrun_two_gloo_processes_agree_with_single_process(tmp_path):
+    # A model without batch coupling (GroupNorm, no dropout, no random text swap): one process with global
+    # batch 8 and two ranks with 4 each then compute the same losses and gradients up to float rounding.
+    # (With BatchNorm, CPU ranks normalise over their own half: PyTorch's SyncBatchNorm has no CPU kernel.)
+    kw = ["max_steps=4", "batch_size=8", "seed=5", "norm=group", "dropout=0.0", "swap_prob=0.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(TESTS / "toy_train_run.py"), str(tmp_path / "one"), *kw],
+                   check=True, env=env, capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(TESTS / "toy_train_run.py"), str(tmp_path / "two"), *kw],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one_steps = [r for r in one if r["kind"] == "step"]
+    two_steps = [r for r in two if r["kind"] == "step"]
+    assert [r["step"] for r in two_steps] == [1, 2, 3, 4]
+    for a, b in zip(one_steps, two_steps):
+        for key in ("loss", "loss_global", "loss_soft", "loss_proto"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    w1, w2 = _weights(tmp_path / "one", 4), _weights(tmp_path / "two", 4)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5), k
+    v1 = [r for r in one if r["kind"] == "val"][-1]
+    v2 = [r for r in two if r["kind"] == "val"][-1]
+    assert v2["val_n"] == v1["val_n"] == 16
+    assert v2["i2t_R@1"] == v1["i2t_R@1"] and v2["val_loss"] == pytest.approx(v1["val_loss"], rel=1e-4)
