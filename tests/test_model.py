@@ -1,0 +1,328 @@
+"""The model: towers and their offline weights, every named config trains (finite loss and gradients),
+the divergence encoder is an exact EMA with no gradient, configs round-trip through YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlip_core.config import (
+    ABLATION_PARTS,
+    Config,
+    ImageTowerConfig,
+    TextTowerConfig,
+    all_config_names,
+    config_to_dict,
+    load_config,
+    named_config,
+    save_config,
+)
+from mlip_core.model.encoders import (
+    ImageTower,
+    TextTower,
+    build_tokenizer,
+    efficientnet_lite0_package_path,
+    map_efficientnet_lite0_state_dict,
+)
+from mlip_core.model.mlip import MLIP, embed_entities, local_token_mask
+
+TEXTS = [
+    "Heart size is enlarged. Small left pleural effusion.",
+    "No acute cardiopulmonary abnormality.",
+    "Right lower lobe opacity concerning for pneumonia.",
+    "Lungs are clear. No pneumothorax.",
+]
+E, D_TINY = 6, 32
+
+
+def small(name: str) -> Config:
+    """A named config shrunk to test size (tiny timm ResNet at 32 px, tiny random BERT)."""
+    cfg = named_config(name)
+    cfg.model.image = ImageTowerConfig(name="test_resnet", image_size=32)
+    cfg.model.text = TextTowerConfig(name="tiny", tiny_hidden_size=D_TINY)
+    cfg.model.embed_dim, cfg.model.proj_hidden_dim = 16, 32
+    cfg.model.fusion_dim, cfg.model.fusion_layers, cfg.model.num_free_prototypes = 32, 1, 4
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(TextTowerConfig(name="tiny"))
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    B, L = enc["input_ids"].shape
+    entity = torch.full((B, L), -1)
+    entity[0, 1:3] = 0
+    entity[0, 7:9] = 1
+    entity[2, 4] = 2
+    labels = torch.zeros(B, 14)
+    labels[0, 1] = labels[0, 9] = 1  # cardiomegaly + effusion
+    labels[1, 8] = labels[3, 8] = 1  # two "No Finding" reports
+    labels[2, 11] = 1
+    swap = tokenizer([TEXTS[0].replace("Small left", "Lungs are clear."), *TEXTS[1:]], padding=True, return_tensors="pt")
+    return {
+        "image": torch.randn(B, 1, 32, 32, generator=g),
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "token_entity": entity,
+        "labels": labels,
+        "swap_input_ids": swap["input_ids"],
+        "swap_attention_mask": swap["attention_mask"],
+        "swap_label": torch.tensor([1, 0, 0, 0]),
+    }
+
+
+def entity_embeddings() -> torch.Tensor:
+    return torch.randn(E, D_TINY, generator=torch.Generator().manual_seed(3))
+
+
+EXPECTED_TERMS = {
+    "convirt": {"global"},
+    "gloria": {"global", "local"},
+    "mgca": {"global", "local", "category"},
+    "mlip": {"global", "local", "category", "itm", "swap"},
+}
+
+
+@pytest.mark.parametrize("name", all_config_names())
+def test_every_named_config_gives_finite_loss_terms_and_gradients(name, batch):
+    torch.manual_seed(0)
+    model = MLIP(small(name), entity_embeddings(), prototype_entities=[0, 1, 2])
+    out = model(batch)
+    terms = {k[len("loss_"):] for k in out if k.startswith("loss_")}
+    if name in EXPECTED_TERMS:
+        assert terms == EXPECTED_TERMS[name]
+    else:
+        part = name[len("mlip_no_"):]
+        dropped = {"local": "local", "category": "category", "itm": "itm", "swap": "swap"}.get(part)
+        assert terms == EXPECTED_TERMS["mlip"] - ({dropped} if dropped else set())
+    lc = model.config.loss
+    weights = {"global": lc.weight_global, "local": lc.weight_local, "category": lc.weight_category,
+               "itm": lc.weight_itm, "swap": lc.weight_swap}
+    assert torch.allclose(out["loss"], sum(weights[t] * out[f"loss_{t}"] for t in terms))
+    for key, value in out.items():
+        assert torch.isfinite(value).all(), key
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+    # the towers and heads of every enabled term are trained
+    trained = {n.split(".")[0] for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert {"image_tower", "text_tower", "image_proj", "text_proj", "logit_scale"} <= trained
+    if "local" in terms:
+        assert {"image_local_proj", "text_local_proj"} <= trained
+    if "category" in terms:
+        assert "prototypes" in trained
+    if "itm" in terms:
+        assert {"fusion", "itm_head"} <= trained
+    if "swap" in terms:
+        assert {"fusion", "swap_head"} <= trained
+    if lc.local == "mlip" and lc.knowledge_fusion:
+        assert "knowledge_proj" in trained
+
+
+def test_momentum_encoder_gets_no_gradient_and_moves_by_the_ema_rule(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0, 1])
+    momentum = dict(model.image_tower_m.named_parameters())
+    assert all(not p.requires_grad for p in momentum.values())
+    # identical to the online towers at the start
+    for (n, p), pm in zip(model.image_tower.named_parameters(), momentum.values()):
+        assert torch.equal(p, pm), n
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(batch)["loss"].backward()
+    assert all(p.grad is None for m in model._momentum_modules() for p in m.parameters())
+    opt.step()
+    before = {id(pm): pm.detach().clone() for m in model._momentum_modules() for pm in m.parameters()}
+    model.momentum_update()
+    m = model.config.model.momentum
+    largest_move = 0.0
+    for online, mom in model._momentum_pairs():
+        for p, pm in zip(online.parameters(), mom.parameters()):
+            expected = m * before[id(pm)] + (1 - m) * p.detach()
+            assert torch.allclose(pm, expected, atol=1e-6, rtol=0)  # equal up to float32 rounding
+            largest_move = max(largest_move, float((pm - before[id(pm)]).abs().max()))
+    assert largest_move > 1e-4  # the step was far larger than the tolerance above
+    # BatchNorm running statistics follow the online tower exactly
+    for b, bm in zip(model.image_tower.buffers(), model.image_tower_m.buffers()):
+        assert torch.equal(b, bm)
+
+
+def test_model_loss_is_invariant_to_batch_permutation(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("mlip_no_itm"), entity_embeddings(), prototype_entities=[0, 1, 2]).eval()
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        a = model(batch)
+        b = model({k: v[perm] for k, v in batch.items()})
+    for key in ("loss_global", "loss_local", "loss_category", "loss_swap", "loss"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_knowledge_fusion_changes_only_entity_tokens(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0])
+    tokens = torch.randn(*batch["input_ids"].shape, D_TINY)
+    fused = model.fuse_knowledge(tokens, batch["token_entity"])
+    has = batch["token_entity"] >= 0
+    assert torch.equal(fused[~has], tokens[~has])
+    assert not torch.allclose(fused[has], tokens[has])
+    # two tokens of the same entity receive the same knowledge vector
+    assert torch.allclose(fused[0, 1] - tokens[0, 1], fused[0, 2] - tokens[0, 2])
+
+
+def test_prototypes_start_at_the_knowledge_embeddings_through_the_text_head():
+    torch.manual_seed(0)
+    ent = entity_embeddings()
+    model = MLIP(small("mlip"), ent, prototype_entities=[4, 1])
+    with torch.no_grad():
+        expected = F.normalize(model.text_proj(ent[[4, 1]]), dim=-1)
+    assert model.prototypes.shape == (2 + 4, 16)
+    assert torch.allclose(model.prototypes[:2], expected, atol=1e-6)
+
+
+def test_knowledge_configs_without_entity_embeddings_fail_with_a_fix():
+    with pytest.raises(ValueError, match="embed_entities"):
+        MLIP(small("mlip"), None)
+    MLIP(small("mgca"), None)  # MGCA needs no knowledge
+
+
+def test_local_token_mask_drops_cls_sep_and_padding():
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert local_token_mask(mask).int().tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]
+
+
+def test_encode_image_and_text_are_unit_vectors_and_tower_exports_as_state_dict(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("convirt"))
+    zi = model.encode_image(batch["image"])
+    zt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert zi.shape == zt.shape == (4, 16)
+    assert torch.allclose(zi.norm(dim=-1), torch.ones(4), atol=1e-5)
+    fresh = ImageTower(small("convirt").model.image)
+    fresh.load_state_dict(model.image_tower.state_dict())
+    model.eval(), fresh.eval()
+    assert torch.allclose(fresh(batch["image"]).global_, model.image_tower(batch["image"]).global_)
+
+
+# ---------------------------------------------------------------------------------------------
+# Towers
+
+
+@pytest.mark.parametrize(
+    "name,size,grid,patch_dim",
+    [("resnet18", 64, (4, 4), 256), ("vit_tiny_patch16_224", 32, (2, 2), 192), ("test_efficientnet", 32, (2, 2), 48)],
+)
+def test_image_tower_gives_global_vector_and_patch_grid(name, size, grid, patch_dim):
+    tower = ImageTower(ImageTowerConfig(name=name, image_size=size))
+    out = tower(torch.randn(2, 1, size, size))
+    assert out.global_.shape == (2, tower.global_dim)
+    assert out.grid == grid and out.patches.shape == (2, grid[0] * grid[1], patch_dim)
+    assert tower.patch_dim == patch_dim
+
+
+def test_packaged_efficientnet_lite0_weights_recognise_an_imagenet_photo():
+    import timm
+    from matplotlib import cbook
+    from PIL import Image
+
+    state = torch.load(efficientnet_lite0_package_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    model.load_state_dict(map_efficientnet_lite0_state_dict(state, model))
+    img = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB").resize((224, 224))
+    x = torch.tensor(np.asarray(img)).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        top = model(((x - 0.5) / 0.5)[None]).argmax(1).item()
+    assert top == 652  # ImageNet "military uniform": Grace Hopper in her US Navy uniform
+
+
+def test_grey_image_tower_loads_the_packaged_weights_with_summed_stem():
+    tower = ImageTower(ImageTowerConfig(name="tf_efficientnet_lite0", pretrained="efficientnet_lite0_package", image_size=64))
+    state = torch.load(efficientnet_lite0_package_path(), map_location="cpu", weights_only=True)
+    assert tower.missing_keys == []
+    assert torch.allclose(tower.backbone.conv_stem.weight, state["_conv_stem.weight"].sum(1, keepdim=True))
+    assert torch.equal(tower.backbone.bn2.running_var, state["_bn1.running_var"])
+
+
+def test_missing_local_weights_file_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        ImageTower(ImageTowerConfig(name="test_resnet", pretrained=str(tmp_path / "nope.pth")))
+
+
+def test_text_tower_freezes_embeddings_and_first_layers():
+    tower = TextTower(TextTowerConfig(name="tiny", tiny_layers=3, freeze_layers=2))
+    enc = tower.encoder
+    assert not any(p.requires_grad for p in enc.embeddings.parameters())
+    assert not any(p.requires_grad for layer in enc.encoder.layer[:2] for p in layer.parameters())
+    assert all(p.requires_grad for p in enc.encoder.layer[2].parameters())
+    with pytest.raises(ValueError, match="only 3 layers"):
+        TextTower(TextTowerConfig(name="tiny", tiny_layers=3, freeze_layers=4))
+
+
+def test_text_tower_mean_pooling_ignores_padding(tokenizer):
+    tower = TextTower(TextTowerConfig(name="tiny")).eval()
+    one = tokenizer(["small left pleural effusion"], return_tensors="pt")
+    padded = tokenizer(["small left pleural effusion"], padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        a = tower(one["input_ids"], one["attention_mask"]).sentence
+        b = tower(padded["input_ids"], padded["attention_mask"]).sentence
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_packaged_minilm_embeds_entities_meaningfully_and_caches_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLIP_WORKSPACE", str(tmp_path))
+    cfg = TextTowerConfig(name="minilm")
+    tower, tok = TextTower(cfg), build_tokenizer(cfg)
+    texts = ["pleural effusion: fluid in the pleural space", "fluid collecting around the lung",
+             "rib fracture: a break in a rib bone"]
+    emb = embed_entities(tower, tok, texts)
+    assert emb.shape == (3, 384)
+    cos = F.cosine_similarity(emb[0:1], emb)
+    assert cos[1] > cos[2]  # the pretrained encoder knows effusion is fluid, not a fracture
+    cached = list((tmp_path / "cache").glob("entities_minilm_*.pt"))
+    assert len(cached) == 1
+    assert torch.equal(embed_entities(tower, tok, texts), emb)
+    tiny = TextTower(TextTowerConfig(name="tiny"))
+    embed_entities(tiny, tok, texts)  # random towers are never cached
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_config_round_trips_through_yaml_and_rejects_unknown_keys(tmp_path):
+    cfg = named_config("gloria")
+    cfg.model.image.name = "vit_tiny_patch16_224"
+    cfg.loss.gloria_temp2 = 3.0
+    path = save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(path) == cfg
+    path.write_text(path.read_text().replace("gloria_temp2", "gloria_tmp2"))
+    with pytest.raises(ValueError, match="gloria_tmp2"):
+        load_config(path)
+
+
+def test_each_ablation_differs_from_mlip_in_its_part_only():
+    full = dataclasses.asdict(named_config("mlip").loss)
+    changed_by = {
+        "divergence": {"divergence"},
+        "knowledge_negatives": {"knowledge_negatives"},
+        "local": {"local"},
+        "knowledge_fusion": {"knowledge_fusion"},
+        "category": {"category"},
+        "itm": {"itm"},
+        "swap": {"swap"},
+    }
+    assert set(changed_by) == set(ABLATION_PARTS)
+    for part, keys in changed_by.items():
+        ablated = dataclasses.asdict(named_config(f"mlip_no_{part}").loss)
+        assert {k for k in full if full[k] != ablated[k]} == keys
+    with pytest.raises(ValueError, match="mlip_no_swap"):
+        named_config("mlip_no_everything")
