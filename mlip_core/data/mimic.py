@@ -256,7 +256,7 @@ class MimicPretrainDataset(Dataset):
         self.image_size = int(image_size)
         self.transform = transform if transform is not None else eval_transform(self.image_size)
         self.cache = cache
-        self._labels = torch.from_numpy(self.pairs[CHEXPERT_14].to_numpy(dtype=np.float32))
+        self._labels = torch.tensor(self.pairs[CHEXPERT_14].to_numpy(dtype=np.float32))
         self._texts = self.pairs["text"].tolist()
         self._studies = self.pairs["study_id"].to_numpy(dtype=np.int64)
         self._paths = self.pairs["image_path"].tolist()
