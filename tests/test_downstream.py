@@ -75,7 +75,7 @@ def test_rsna_bad_inputs(tmp_path):
     labels.loc[len(labels) - 1, "Target"] = 2  # unknown target
     labels.loc[0, "width"] = np.nan  # positive without a box
     labels.to_csv(tmp_path / "stage_2_train_labels.csv", index=False)
-    truncated = tmp_path / "stage_2_train_images" / f"{labels.patientId.iloc[1]}.dcm"
+    truncated = tmp_path / "stage_2_train_images" / f"{labels.patientId.unique()[1]}.dcm"
     truncated.write_bytes(truncated.read_bytes()[:300])
     df, report = D.load_rsna(tmp_path)
     assert report.counts()["unknown Target value (expected 0 or 1)"] == 1
