@@ -148,7 +148,7 @@ def choose_text(sections: ReportSections | str, fallback_last_paragraph: bool = 
 
 # Sentence ends: . ! ? followed by space and an upper-case letter, digit or de-id placeholder.
 # Abbreviations common in reports are protected first.
-_ABBREV = re.compile(r"\b(Dr|Mr|Mrs|Ms|vs|approx|e\.g|i\.e|cm|mm|St|No)\.", re.IGNORECASE)
+_ABBREV = re.compile(r"\b(Dr|Mr|Mrs|Ms|vs|approx|e\.g|i\.e|St)\.", re.IGNORECASE)
 _SENT_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9_(\"'])")
 
 
