@@ -16,6 +16,7 @@ name; a file that is nevertheless corrupt (disk full, copied half-way) is named 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -131,8 +132,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Code version
 
 
+@functools.lru_cache(maxsize=1)
+def _code_version() -> tuple[tuple[str, str], ...]:
+    return tuple(_read_code_version().items())
+
+
 def code_version() -> dict[str, str]:
-    """The package version and, when run from a git checkout, the commit and whether it was dirty."""
+    """The package version and, when run from a git checkout, the commit and whether it was dirty
+    (read once per process)."""
+    return dict(_code_version())
+
+
+def _read_code_version() -> dict[str, str]:
     from mlip_core import __version__
 
     info = {"package": __version__, "git_commit": "unknown", "git_dirty": "unknown"}

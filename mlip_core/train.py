@@ -811,9 +811,59 @@ def load_image_tower_export(path: str | os.PathLike) -> tuple[dict[str, torch.Te
 # Building a run from a config and a dataset folder
 
 
-def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo) -> dict[str, Any]:
-    """Model, train/val datasets and collators for ``config`` on a MIMIC-CXR-JPG-layout folder."""
-    raise NotImplementedError("waiting for the model and dataset modules")  # replaced when they land
+def _pairs_dataset(config: Any, data_dir: Path, split: str, train_split: bool) -> tuple[Dataset, Any]:
+    """A :class:`MimicPretrainDataset` of one split (frontal ``views``), images cached when asked."""
+    import hashlib
+
+    from mlip_core.data.mimic import MimicPretrainDataset, load_mimic_pairs
+    from mlip_core.data.transforms import eval_transform, train_transform
+    from mlip_core.paths import workspace
+
+    tc, size = config.train, config.model.image.image_size
+    views = tuple(v.strip() for v in tc.views.split(",") if v.strip())
+    pairs, skips = load_mimic_pairs(data_dir, split=split, views=views)
+    cache = None
+    if tc.image_cache and len(pairs):
+        from mlip_core.data.cache import ImageCache
+
+        tag = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
+        cache = ImageCache(workspace("cache", "images", f"pretrain_{tag}_{split}_{size}"),
+                           pairs["image_path"].tolist(), size)
+        skips.extend(cache.skips)
+    transform = train_transform(size) if train_split else eval_transform(size)
+    return MimicPretrainDataset(pairs, image_size=size, transform=transform, cache=cache), skips
+
+
+def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | None = None) -> dict[str, Any]:
+    """Model (with knowledge embeddings), train/val datasets and the collator for ``config`` on a
+    MIMIC-CXR-JPG-layout folder (the offline world or the real dataset)."""
+    from mlip_core.data.collate import PretrainCollator
+    from mlip_core.knowledge.extract import KnowledgeExtractor
+    from mlip_core.knowledge.graph import KnowledgeGraph
+    from mlip_core.model.encoders import TextTower, build_tokenizer
+    from mlip_core.model.mlip import MLIP, embed_entities
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such dataset folder; write the offline world with "
+                                "`python -m mlip_core.data.synth --out DIR --num-studies N` or point at MIMIC-CXR-JPG")
+    mc, lc = config.model, config.loss
+    train_set, train_skips = _pairs_dataset(config, data_dir, "train", train_split=True)
+    val_set, val_skips = _pairs_dataset(config, data_dir, "validate", train_split=False)
+    for name, skips in (("train", train_skips), ("validate", val_skips)):
+        if len(skips) and (dist_info is None or dist_info.is_main):
+            log.warning("%s split of %s: %s", name, data_dir, skips.summary() if hasattr(skips, "summary") else skips)
+    graph = KnowledgeGraph.load_default()
+    tokenizer = build_tokenizer(mc.text)
+    entity_emb = None
+    if (lc.local == "mlip" and lc.knowledge_fusion) or (lc.category and lc.knowledge_prototypes):
+        entity_emb = embed_entities(TextTower(mc.text), tokenizer, graph.entity_texts(), max_length=mc.text.max_length)
+    protos = [graph.entity_ids.index(i) for i in graph.finding_ids]
+    model = MLIP(config, entity_emb, prototype_entities=protos)
+    collate = PretrainCollator(tokenizer, KnowledgeExtractor(graph), mc.text.max_length,
+                               config.train.swap_prob if lc.swap else 0.0)
+    return {"model": model, "train_set": train_set, "val_set": val_set if len(val_set) else None,
+            "collate_fn": collate, "tokenizer": tokenizer, "graph": graph}
 
 
 def train(
