@@ -260,6 +260,7 @@ class TrainConfig:
     find_unused_parameters: bool = True  # DDP: ablated heads may not receive gradients
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
+    image_cache: bool = True  # memory-mapped uint8 image cache in workspace("cache") for fast epochs
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms + seeded data order and augmentation
     swap_prob: float = 0.5  # text swapping: probability a report gets a sentence from another one
