@@ -71,6 +71,12 @@ def predicted_entities(mentions: Sequence[Mention], graph: KnowledgeGraph, count
     return found | ({NORMAL} if not abnormal else set())
 
 
+def is_unindexed(report: IUReport) -> bool:
+    """True when the report has no major MeSH term other than "No Indexing"."""
+    terms = [parse_mesh_term(t).finding.strip().lower() for t in report.mesh_major if t and t.strip()]
+    return all(t == "no indexing" for t in terms)
+
+
 def report_text(report: IUReport) -> str:
     """FINDINGS + IMPRESSION, the text the extractor reads."""
     return "\n\n".join(t.strip() for t in (report.findings, report.impression) if t and t.strip())
@@ -84,6 +90,8 @@ def evaluate(
 ) -> IUEvaluation:
     """Per-finding precision / recall / F1 of the extractor against MeSH labels; macro F1 over frequent findings."""
     extractor = extractor or KnowledgeExtractor()
+    # Reports the indexers marked "No Indexing" carry no labels at all (not even "normal"): no gold to score.
+    reports = [r for r in reports if not is_unindexed(r)]
     graph = extractor.graph
     columns = [NORMAL] + [e.id for e in graph.entities if e.mesh]
     gold_rows, pred_rows, uids = [], [], []
@@ -132,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate(reports, min_positives=args.min_positives, count_uncertain=not args.positive_only)
     print(format_table(result.table))
     n_eval = int(result.table["evaluated"].sum())
+    skipped = len(reports) - result.num_reports
+    print(f"# {skipped} reports marked 'No Indexing' (no MeSH labels) were left out")
     print(f"macro_f1={result.macro_f1:.4f} findings={n_eval} reports={result.num_reports}")
     return 0
 

@@ -36,7 +36,8 @@ _TRIGGERS: dict[str, list[str]] = {
         "no substantial change", "no appreciable change", "no definite change", "without change",
         "without interval change", "without significant change", "not significantly changed", "not changed",
         "no increase", "no decrease", "not increased", "not decreased", "not only", "gram negative",
-        "no longer be excluded", "if not", "whether or not",
+        "no longer be excluded", "if not", "whether or not", "to suggest", "to indicate", "to explain",
+        "to account for", "to represent",
     ],
     "neg_pre": [
         "no", "not", "without", "negative for", "free of", "clear of", "absence of", "absent", "no evidence of",
@@ -52,7 +53,9 @@ _TRIGGERS: dict[str, list[str]] = {
         "no longer seen", "no longer visualized", "no longer present", "no longer identified",
         "no longer visible", "no longer evident", "no longer demonstrated", "has been removed",
         "have been removed", "been removed", "removed", "ruled out", "has cleared", "have cleared", "cleared",
-        "not enlarged", "not dilated", "not widened",
+        "not enlarged", "not dilated", "not widened", "within normal limits", "within limits of normal",
+        "within the limits of normal", "is normal", "are normal", "appear normal", "appears normal",
+        "is unremarkable", "are unremarkable",
     ],
     "unc_pre": [
         "possible", "possibly", "probable", "probably", "likely", "most likely", "questionable",
@@ -84,15 +87,18 @@ _TERMINATORS = [
     "there appears", "there may", "is seen", "are seen", "is noted", "are noted", "is present", "are present",
     "is again", "are again", "remains", "remain", "persists", "persist", "given", "because",
 ]
-# Words that may stand between a list separator ("," / "and" / "or") and the next mention without ending a
-# negation list: "no effusion, focal consolidation, or pneumothorax".
-_LIST_NEUTRAL = {
-    "and", "or", "nor", "focal", "acute", "definite", "definitive", "significant", "visible", "obvious",
-    "active", "large", "sizable", "sizeable", "displaced", "evidence", "of", "pleural", "pulmonary", "airspace",
-    "air", "space", "lobar", "confluent", "frank", "overt", "gross", "appreciable", "suspicious", "new",
-    "other", "any", "discrete", "discernible", "radiographic", "convincing", "segmental", "dense", "apparent",
-    "overt", "free", "an", "a", "frankly",
+# A list separator ("," / "and" / "or") keeps a negation going ("no effusion, focal consolidation, or
+# pneumothorax") unless the words before the next mention start a new statement: a size or severity, a
+# side, a determiner or a verb ("no pneumothorax, small left effusion").
+_LIST_BREAK = {
+    "small", "mild", "minimal", "moderate", "moderately", "mildly", "severe", "severely", "trace", "tiny", "slight",
+    "slightly", "stable", "stably", "persistent", "persistently", "unchanged", "increased", "increasing",
+    "decreased", "decreasing", "improved", "improving", "worsening", "worsened", "left", "right", "bilateral",
+    "bibasilar", "the", "this", "these", "there", "which", "is", "are", "was", "were", "has", "have", "again",
+    "chronic", "old", "healed", "prior", "calcified", "heart", "lungs", "lung", "status", "post", "s/p",
+    "postoperative", "otherwise", "mild-to-moderate", "moderate-to-severe", "known", "redemonstrated",
 }
+_LIST_MAX_WORDS = 4
 _SIDE_WORDS = {
     "left": "left", "right": "right", "bilateral": "bilateral", "bilaterally": "bilateral", "both": "bilateral",
     "bibasilar": "bilateral", "bibasal": "bilateral", "biapical": "bilateral", "left-sided": "left",
@@ -263,7 +269,7 @@ class KnowledgeExtractor:
             if nxt is None:
                 return False
             words = _WORD.findall(lower[sep_end:nxt])
-            return len(words) <= 3 and all(w in _LIST_NEUTRAL for w in words)
+            return len(words) <= _LIST_MAX_WORDS and not any(w in _LIST_BREAK for w in words)
 
         def forward_end(start: int, stop_kinds: tuple[str, ...]) -> int:
             end = len(sent)
