@@ -222,3 +222,36 @@ def test_holdout_split_keeps_patients_together():
     split = D.holdout_split(df, "patient", seed=1)
     assert split.groupby(df["patient"]).nunique().max() == 1
     assert set(split) == {"train", "valid", "test"}
+
+
+# ---------------------------------------------------------------------------------------------- check CLI
+@pytest.mark.parametrize("dataset", ["chexpert", "rsna", "siim", "covidx", "object-cxr", "iu"])
+def test_check_cli_counts_usable_and_skipped_images_last(tmp_path, capsys, dataset):
+    from dataset_fixtures import truncate
+
+    from mlip_core.data.check import main
+
+    builders = {"chexpert": lambda r: make_chexpert_tree(r)["root"], "rsna": lambda r: make_rsna_tree(r)["root"],
+                "siim": lambda r: make_siim_tree(r)["root"], "covidx": lambda r: make_covidx_tree(r)["root"],
+                "object-cxr": lambda r: make_object_cxr_tree(r)["root"], "iu": lambda r: make_iu_tree(r)["root"]}
+    root = builders[dataset](tmp_path)
+    assert main(["--dataset", dataset, "--root", str(root)]) == 0
+    clean = capsys.readouterr().out.strip().splitlines()
+    n = int(clean[-1].split()[0].split("=")[1])
+    skipped = int(clean[-1].split()[1].split("=")[1])
+    # corrupt one image: the check decodes it and counts it instead of failing
+    victim = sorted(p for p in root.rglob("*") if p.suffix in {".jpg", ".png", ".dcm"})[0]
+    truncate(victim, keep=0.2)
+    assert main(["--dataset", dataset, "--root", str(root)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"usable={n - 1} skipped={skipped + 1}"
+    # named in a skip line: "undecodable image", or for SIIM an unreadable header found while checking the RLE
+    assert any(line.startswith("  skipped: ") and victim.stem in line for line in out)
+
+
+def test_check_cli_missing_root_file_exits_2_and_names_it(tmp_path, capsys):
+    from mlip_core.data.check import main
+
+    assert main(["--dataset", "rsna", "--root", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "stage_2_train_labels.csv" in captured.err and captured.out.strip().endswith("usable=0 skipped=0")

@@ -131,3 +131,15 @@ def test_dataset_items_have_the_contract_shapes_and_work_with_two_workers(tmp_pa
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=lambda b: b)
     seen = sorted(x["index"] for batch in loader for x in batch)
     assert seen == list(range(len(ds)))
+
+
+def test_check_cli_sees_every_frontal_image_per_split(tmp_path, capsys):
+    from mlip_core.data.check import main
+
+    tree = make_mimic_tree(tmp_path, n_subjects=3, studies_per_subject=2)
+    assert main(["--dataset", "mimic", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"usable={len(tree['frontal'])} skipped=0"
+    for split in ("train", "validate", "test"):
+        n = sum(1 for _, _, s in tree["frontal"] if s == split)
+        assert any(line.startswith(f"split {split}") and f" {n} images" in line for line in out)
