@@ -28,7 +28,7 @@ from mlip_core.data.synth_anatomy import TEMPLATE_SIZE, glyph, lung_templates, v
 from mlip_core.data.synth_findings import DEVICE_KINDS, Finding
 
 __all__ = ["Patient", "Scene", "Instance", "Rendered", "sample_patient", "sample_scene", "render",
-           "ANATOMY_LABELS"]
+           "ANATOMY_LABELS", "with_findings"]
 
 T = TEMPLATE_SIZE
 ANATOMY_LABELS = {0: "background", 1: "right lung", 2: "left lung", 3: "heart"}
@@ -112,7 +112,7 @@ def sample_patient(rng: np.random.Generator) -> Patient:
     )
 
 
-_CTR_BY_SEVERITY = {"mild": (0.53, 0.58), "moderate": (0.58, 0.64), "severe": (0.64, 0.72)}
+_CTR_BY_SEVERITY = {"mild": (0.55, 0.6), "moderate": (0.6, 0.65), "severe": (0.65, 0.72)}
 
 
 def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Finding] | tuple[Finding, ...],
@@ -150,7 +150,7 @@ def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Find
         inspiration=inspiration,
         lung_top=float(rng.uniform(0.1, 0.17)) - (0.03 if view == "AP" else 0.0),
         exposure=float(rng.uniform(1.6, 2.8)),
-        window=(lo, float(rng.uniform(0.85, 1.0))),
+        window=(lo, float(rng.uniform(0.92, 1.06))),
         gamma=float(rng.uniform(0.75, 1.3)),
         noise=float(rng.uniform(0.008, 0.04)),
         heel=float(rng.uniform(-0.08, 0.08)),
@@ -339,8 +339,8 @@ def render(scene: Scene) -> Rendered:
         d0 = float(rng.uniform(0.55, 0.85))
         side_sel = (xc < 0) if f.side != "left" else (xc > 0)
         win = np.exp(-((d - d0) / 0.1) ** 2 - ((phase - k) / 0.7) ** 2) * side_sel
-        rib_shift += 0.2 * win * np.tanh((d - d0) / 0.01)
-        rib_gap *= 1.0 - 0.9 * win * np.exp(-((d - d0) / 0.015) ** 2)
+        rib_shift += 0.35 * win * np.clip((d - d0) / 0.01, -1.0, 1.0)  # displaced fragments
+        rib_gap *= 1.0 - win * np.exp(-((d - d0) / 0.025) ** 2)  # lucent fracture line
         frac_geom.append((f, k, d0, side_sel))
     ph = phase + rib_shift
     rib_band = (0.5 + 0.5 * np.cos(ph * np.float32(2 * np.pi))) ** 8
@@ -361,8 +361,9 @@ def render(scene: Scene) -> Rendered:
     # Below the domes of the diaphragm everything is abdomen: uniformly dense, heart and mediastinum merge.
     abdomen = _sigmoid((v - np.float32(fr.y0 + 0.93 * H)) / 0.015)
     above = 1.0 - abdomen
-    dens = (0.46 * body + 0.22 * abdomen * body + 0.22 * med * body * above + 0.1 * spine * (0.6 + 0.4 * vert) - 0.08 * trachea
-            + 0.2 * heart * above * (1.0 - med) + 0.1 * knob * (1 - lung) + 0.1 * ribs + 0.16 * clav - air)
+    dens = (0.44 * body + 0.2 * abdomen * body + 0.16 * med * body * above
+            + 0.1 * spine * (0.6 + 0.4 * vert) - 0.12 * trachea
+            + 0.18 * heart * above * (1.0 - med) + 0.1 * knob * (1 - lung) + 0.13 * ribs + 0.16 * clav - air)
     if p.female:
         for sgn in (-1.0, 1.0):
             dens += 0.07 * np.exp(-(((u - (0.5 + sgn * 0.32 * W)) / (0.16 * W)) ** 2
@@ -429,6 +430,7 @@ def render(scene: Scene) -> Rendered:
             cu, cv = fr.to_canonical(cx, cy)
             rad = {"nodule": rng.uniform(0.011, 0.022) * (1 + 0.3 * sev), "mass": rng.uniform(0.04, 0.07),
                    "granuloma": rng.uniform(0.005, 0.009)}[f.name]
+            rad = max(rad, 1.5 / s)  # at least a pixel and a half, so small images still show it
             du, dv = u - cu, v - cv
             rr = np.sqrt(du * du + dv * dv)
             if f.name == "mass":  # lobulated edge
