@@ -67,6 +67,8 @@ def predicted_entities(mentions: Sequence[Mention], graph: KnowledgeGraph, count
     """Entity ids asserted present (positive, and uncertain unless ``count_uncertain`` is False), plus "normal"."""
     keep = {"positive", "uncertain"} if count_uncertain else {"positive"}
     found = {m.entity_id for m in mentions if m.status in keep}
+    for eid in list(found):  # umbrella terms that MeSH also uses for narrower entities
+        found |= {a for a in graph.ancestors(eid) if graph.entity(a).mesh_includes_narrower}
     abnormal = {e for e in found if graph.entity(e).category in ("finding", "device")}
     return found | ({NORMAL} if not abnormal else set())
 

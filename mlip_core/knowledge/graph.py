@@ -76,6 +76,7 @@ class Entity:
     patterns: list[str] = field(default_factory=list)
     negative_patterns: list[str] = field(default_factory=list)
     mesh: list[str] = field(default_factory=list)
+    mesh_includes_narrower: bool = False
     side: str = ""
 
     def text(self) -> str:
