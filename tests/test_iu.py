@@ -129,3 +129,17 @@ def test_real_archive_normal_reports_with_negated_pneumothorax_stay_normal():
     assert not any("pneumothorax" in t.lower() for r in negated for t in r.mesh_major + r.mesh_automatic)
     terms = [parse_mesh_term(t) for r in reports for t in r.mesh_major]
     assert any(t.finding == "Opacity" and {"base", "left"} <= set(t.qualifiers) for t in terms)
+
+
+def test_real_normal_reports_map_to_no_drawn_findings():
+    """Text like "No pneumothorax" never becomes a drawn finding: only MeSH positives are drawn."""
+    import numpy as np
+
+    from mlip_core.data.synth_findings import findings_from_mesh
+
+    rng = np.random.default_rng(0)
+    normals = [r for r in load_iu_reports() if r.mesh_major == ["normal"]]
+    assert len(normals) > 1000
+    assert all(findings_from_mesh(r.mesh_major, rng) == ([], []) for r in normals)
+    cardio = [r for r in load_iu_reports() if any(t.startswith("Cardiomegaly") for t in r.mesh_major)]
+    assert all(any(f.name == "cardiomegaly" for f in findings_from_mesh(r.mesh_major, rng)[0]) for r in cardio)

@@ -137,7 +137,7 @@ def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Find
         markers.append((text, float(rng.uniform(0.02, 0.6)), float(rng.choice([rng.uniform(0.02, 0.1),
                                                                                 rng.uniform(0.88, 0.94)])),
                         float(rng.uniform(0.03, 0.05))))
-    lo = float(rng.uniform(0.0, 0.12))
+    lo = float(rng.uniform(0.0, 0.06))
     return Scene(
         patient=patient,
         findings=tuple(findings),
@@ -341,7 +341,7 @@ def render(scene: Scene) -> Rendered:
         win = np.exp(-((d - d0) / 0.1) ** 2 - ((phase - k) / 0.7) ** 2) * side_sel
         rib_shift += 0.35 * win * np.clip((d - d0) / 0.01, -1.0, 1.0)  # displaced fragments
         rib_gap *= 1.0 - win * np.exp(-((d - d0) / 0.025) ** 2)  # lucent fracture line
-        frac_geom.append((f, k, d0, side_sel))
+        frac_geom.append((f, win > 0.08))  # the patch around the break that the displacement changes
     ph = phase + rib_shift
     rib_band = (0.5 + 0.5 * np.cos(ph * np.float32(2 * np.pi))) ** 8
     thorax = _sigmoid((1.08 - d) / 0.03) * _sigmoid((ph + 0.5) / 0.2) * _sigmoid((10.5 - ph) / 0.3)
@@ -475,9 +475,7 @@ def render(scene: Scene) -> Rendered:
             mark_gain *= 1.8
             mask = lung > 0.5
         elif f.name == "fracture":
-            geo = next(g for g in frac_geom if g[0] is f)
-            _, k, d0, side_sel = geo
-            mask = (np.abs(d - d0) < 0.07) & (np.abs(phase - k) < 0.5) & side_sel
+            mask = next(m for g, m in frac_geom if g is f)
         elif f.name in ("hyperinflation", "hypoinflation", "scoliosis"):
             mask = None  # global changes (lung height, spine curve): no local mask
         elif f.name == "device":

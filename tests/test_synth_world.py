@@ -1,0 +1,184 @@
+"""The offline world on disk: MIMIC-CXR-JPG layout, determinism, patient-level splits, ground truth, IU pairing."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlip_core.data.iu import load_iu_reports
+from mlip_core.data.reportgen import generate_report, sample_findings
+from mlip_core.data.synth import FINDINGS_COLUMNS, METADATA_COLUMNS, main, write_world
+from mlip_core.data.synth_findings import CHEXPERT_COLUMNS, Finding, chexpert_row, findings_from_mesh
+
+N, SIZE = 24, 64
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    write_world(out, num_studies=N, seed=3, image_size=SIZE)
+    return out
+
+
+def test_layout_is_mimic_cxr_jpg(world: Path):
+    split = _rows(world / "mimic-cxr-2.0.0-split.csv")
+    meta = _rows(world / "mimic-cxr-2.0.0-metadata.csv")
+    chex = _rows(world / "mimic-cxr-2.0.0-chexpert.csv")
+    assert list(split[0]) == ["dicom_id", "study_id", "subject_id", "split"]
+    assert list(meta[0]) == METADATA_COLUMNS
+    assert list(chex[0]) == ["subject_id", "study_id"] + CHEXPERT_COLUMNS
+    assert len(split) == len(meta) == N and len(chex) == N
+    for row in split:
+        sid, stid = row["subject_id"], row["study_id"]
+        jpg = world / "files" / f"p{sid[:2]}" / f"p{sid}" / f"s{stid}" / f"{row['dicom_id']}.jpg"
+        with Image.open(jpg) as im:
+            assert im.format == "JPEG" and im.mode == "L" and im.size == (SIZE, SIZE)
+        text = (jpg.parent.parent / f"s{stid}.txt").read_text()
+        assert "IMPRESSION:" in text or "FINDINGS:" in text
+    for row in meta:
+        assert row["ViewPosition"] in ("PA", "AP") and row["Rows"] == str(SIZE)
+    for row in chex:
+        assert all(row[c] in ("", "1.0", "0.0", "-1.0") for c in CHEXPERT_COLUMNS)
+
+
+def test_splits_are_patient_level_and_cover_all_three(tmp_path: Path):
+    write_world(tmp_path, num_studies=120, seed=0, image_size=32)
+    split = _rows(tmp_path / "mimic-cxr-2.0.0-split.csv")
+    per_subject: dict[str, set[str]] = {}
+    for r in split:
+        per_subject.setdefault(r["subject_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in per_subject.values())
+    assert {r["split"] for r in split} == {"train", "validate", "test"}
+    assert len(per_subject) < len(split)  # some patients have several studies
+
+
+def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path: Path, world: Path):
+    again = tmp_path / "again"
+    write_world(again, num_studies=N, seed=3, image_size=SIZE, workers=2)  # processes give the same bytes
+    assert _digest(again) == _digest(world)
+    other = tmp_path / "other"
+    write_world(other, num_studies=N, seed=4, image_size=SIZE)
+    jpgs_a = {hashlib.sha256(p.read_bytes()).hexdigest() for p in world.rglob("*.jpg")}
+    jpgs_b = {hashlib.sha256(p.read_bytes()).hexdigest() for p in other.rglob("*.jpg")}
+    assert not jpgs_a & jpgs_b
+
+
+def test_findings_table_masks_and_boxes_agree(world: Path):
+    rows = _rows(world / "synth" / "findings.csv")
+    assert rows and list(rows[0]) == FINDINGS_COLUMNS
+    dicoms = {r["dicom_id"] for r in _rows(world / "mimic-cxr-2.0.0-split.csv")}
+    for r in rows:
+        assert r["dicom_id"] in dicoms
+        mask = np.asarray(Image.open(world / r["mask"])) > 0
+        ys, xs = np.nonzero(mask)
+        assert (int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"])) == (xs.min(), ys.min(), xs.max() + 1,
+                                                                             ys.max() + 1)
+        assert int(r["area"]) == mask.sum()
+
+
+def test_labels_follow_the_drawn_findings(world: Path):
+    labels = {(r["subject_id"], r["study_id"]): r for r in _rows(world / "synth" / "labels.csv")}
+    chex = {(r["subject_id"], r["study_id"]): r for r in _rows(world / "mimic-cxr-2.0.0-chexpert.csv")}
+    drawn: dict[str, set[str]] = {}
+    for r in _rows(world / "synth" / "findings.csv"):
+        if r["chexpert"]:
+            drawn.setdefault(r["study_id"], set()).add(r["chexpert"])
+    for key, row in labels.items():
+        positives = {c for c in CHEXPERT_COLUMNS if row[c] == "1" and c != "No Finding"}
+        assert drawn.get(key[1], set()) <= positives  # every drawn instance is labelled
+        for c in positives:  # and the reader-facing table agrees (1 or hedged -1)
+            assert chex[key][c] in ("1.0", "-1.0")
+
+
+def test_studies_pair_with_real_iu_reports_and_negations_stay_negated(world: Path):
+    by_uid = {r.uid: r for r in load_iu_reports()}
+    studies = _rows(world / "synth" / "studies.csv")
+    chex = {r["study_id"]: r for r in _rows(world / "mimic-cxr-2.0.0-chexpert.csv")}
+    drawn_ptx = {r["study_id"] for r in _rows(world / "synth" / "findings.csv") if r["finding"] == "pneumothorax"}
+    assert all(s["report_source"] == "iu" for s in studies)
+    for s in studies:
+        iu = by_uid[s["iu_uid"]]
+        assert s["mesh_major"] == ";".join(iu.mesh_major)
+        txt = next(world.glob(f"files/*/p{s['subject_id']}/s{s['study_id']}.txt")).read_text()
+        assert (iu.impression or iu.findings) in txt
+        if iu.mesh_major == ["normal"]:
+            assert s["drawn_findings"] == "" and chex[s["study_id"]]["No Finding"] == "1.0"
+            assert chex[s["study_id"]]["Pneumothorax"] != "1.0" and s["study_id"] not in drawn_ptx
+
+
+def test_template_reports_carry_hedges_and_negations(tmp_path: Path):
+    write_world(tmp_path, num_studies=30, seed=1, image_size=32, report_source="template")
+    chex = _rows(tmp_path / "mimic-cxr-2.0.0-chexpert.csv")
+    values = {row[c] for row in chex for c in CHEXPERT_COLUMNS}
+    assert {"1.0", "0.0"} <= values
+    assert all(s["report_source"] == "template" for s in _rows(tmp_path / "synth" / "studies.csv"))
+
+
+def test_refuses_to_overwrite_a_world(world: Path):
+    with pytest.raises(FileExistsError, match=str(world)):
+        write_world(world, num_studies=2, seed=0, image_size=32)
+
+
+def test_cli_writes_and_reports(tmp_path: Path, capsys):
+    assert main(["--out", str(tmp_path / "w"), "--num-studies", "5", "--seed", "2", "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 5 studies" in out and "IU reports skipped" in out
+    assert main(["--out", str(tmp_path / "w"), "--num-studies", "5", "--seed", "2"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_mesh_terms_map_to_findings_with_side_zone_severity():
+    rng = np.random.default_rng(0)
+    found, undrawn = findings_from_mesh(["Opacity/lung/base/left/mild", "Pleural Effusion/bilateral/small",
+                                         "Cardiomegaly/moderate", "Catheters, Indwelling/right",
+                                         "Lung/hypoinflation", "Spine/degenerative", "normal"], rng)
+    got = {(f.name, f.side, f.zone, f.severity, f.kind) for f in found}
+    assert ("opacity", "left", "lower", "mild", "") in got
+    assert ("effusion", "left", "lower", "mild", "") in got and ("effusion", "right", "lower", "mild", "") in got
+    assert ("cardiomegaly", "", "", "moderate", "") in got
+    assert ("device", "", "", "mild", "central_line") in got
+    assert any(f.name == "hypoinflation" for f in found)
+    assert undrawn == ["Spine/degenerative"]
+    assert findings_from_mesh(["normal"], rng) == ([], [])
+
+
+def test_chexpert_row_convention():
+    row = chexpert_row([Finding("effusion", side="left"), Finding("nodule", side="right", uncertain=True),
+                        Finding("device", kind="ett")], negated={"Pneumothorax"})
+    assert row["Pleural Effusion"] == 1.0 and row["Lung Lesion"] == -1.0 and row["Support Devices"] == 1.0
+    assert row["Pneumothorax"] == 0.0 and np.isnan(row["Edema"]) and np.isnan(row["No Finding"])
+    assert chexpert_row([Finding("device", kind="ett")])["No Finding"] == 1.0
+
+
+def test_generated_reports_negate_absent_and_hedge_uncertain():
+    rng = np.random.default_rng(0)
+    seen_hedge = False
+    for _ in range(60):
+        findings = sample_findings(rng, uncertain_prob=0.5)
+        rep = generate_report(findings, rng)
+        present = {f.chexpert for f in findings if f.chexpert}
+        assert not rep.negated & present  # never negate what is drawn
+        text = rep.text.lower()
+        if "Pneumothorax" in rep.negated:
+            assert "no pneumothorax" in text or "no evidence of pneumothorax" in text
+        for f in findings:
+            if f.uncertain and f.chexpert:
+                seen_hedge = True
+                assert any(h in text for h in ("possible", "cannot be excluded", "may represent", "questionable",
+                                               "probable"))
+    assert seen_hedge
