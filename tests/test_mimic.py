@@ -143,3 +143,22 @@ def test_check_cli_sees_every_frontal_image_per_split(tmp_path, capsys):
     for split in ("train", "validate", "test"):
         n = sum(1 for _, _, s in tree["frontal"] if s == split)
         assert any(line.startswith(f"split {split}") and f" {n} images" in line for line in out)
+
+
+def test_reader_and_check_cli_see_every_study_of_an_offline_world(tmp_path, capsys):
+    from mlip_core.data.check import main
+    from mlip_core.data.synth import write_world
+
+    summary = write_world(tmp_path / "world", num_studies=10, seed=1, image_size=32, report_source="mixed",
+                          images_per_study=2)
+    root = tmp_path / "world"
+    studies = pd.read_csv(root / "synth" / "studies.csv")
+    meta = pd.read_csv(root / "mimic-cxr-2.0.0-metadata.csv")
+    pairs, report = load_mimic_pairs(root, split=None)
+    assert len(report) == 0
+    assert set(pairs["study_id"]) == set(studies["study_id"]) and len(studies) == summary.studies
+    frontal = meta[meta["ViewPosition"].isin(["PA", "AP"])]
+    assert sorted(pairs["dicom_id"]) == sorted(frontal["dicom_id"])
+    assert (pairs["text"].str.len() > 0).all()
+    assert main(["--dataset", "mimic", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"usable={len(frontal)} skipped=0"
