@@ -152,4 +152,7 @@ def read_umls(
             continue
         rel, cui2_is_source = mapped
         relations.add((c2, rel, c1) if cui2_is_source else (c1, rel, c2))
+        if rel == "co_occurs_with":  # symmetric: store both directions so neighbors() finds it from either end
+            relations.add((c1, rel, c2))
+            relations.add((c2, rel, c1))
     return entities, sorted(relations)
