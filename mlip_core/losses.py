@@ -191,21 +191,22 @@ class LocalAlignmentLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, tokens: Tensor, patches: Tensor, token_mask: Tensor, weights: Tensor) -> dict[str, Tensor]:
-        tau = self.temperature
-        attn = torch.softmax(tokens @ patches.transpose(1, 2) / tau, dim=-1)  # (B, L, P)
+        B, L = token_mask.shape
+        q = tokens * (1.0 / self.temperature)  # fold 1/tau into the smallest tensor
+        attn = torch.softmax(q @ patches.transpose(1, 2), dim=-1)  # (B, L, P)
         context = F.normalize(attn @ patches, dim=-1)  # (B, L, d)
-        sim = tokens @ context.transpose(1, 2) / tau  # (B, L_token, L_context)
+        sim = q @ context.transpose(1, 2)  # (B, L_token, L_context), already / tau
         mask = token_mask.bool()
-        cols = ~mask[:, None, :]
-        B, L = mask.shape
-        target = torch.arange(L, device=tokens.device).expand(B, L)
-        # token -> contexts (rows over tokens) and context -> tokens (rows over contexts)
-        ce_t2c = F.cross_entropy(sim.masked_fill(cols, NEG).transpose(1, 2), target, reduction="none")
-        ce_c2t = F.cross_entropy(sim.transpose(1, 2).masked_fill(cols, NEG).transpose(1, 2), target, reduction="none")
-        w = weights * mask
-        loss = 0.5 * ((w * ce_t2c).sum() + (w * ce_c2t).sum()) / B
+        pad = (~mask).to(sim.dtype) * NEG  # (B, L): masks padded columns
+        target = torch.arange(L, device=tokens.device).repeat(B)
+        # rows = tokens over the report's contexts; rows = contexts over the report's tokens
+        t2c = (sim + pad[:, None, :]).reshape(B * L, L)
+        c2t = (sim.transpose(1, 2) + pad[:, None, :]).reshape(B * L, L)
+        ce = F.cross_entropy(t2c, target, reduction="none") + F.cross_entropy(c2t, target, reduction="none")
+        w = (weights * mask).reshape(-1)
+        loss = (w * ce).sum() * (0.5 / B)
         with torch.no_grad():
-            hit = (sim.masked_fill(cols, NEG).argmax(-1) == target) & mask
+            hit = (t2c.argmax(-1) == target) & mask.reshape(-1)
             acc = hit.sum() / mask.sum().clamp_min(1)
         return {"loss": loss, "token_acc": acc.float(), "attention": attn.detach()}
 
