@@ -212,9 +212,7 @@ class KnowledgeExtractor:
             for p in phrases:
                 trig_forms.setdefault(normalize_term(p), []).append(kind)
         self._trigger_kinds = trig_forms
-        alts = sorted(trig_forms, key=len, reverse=True)
-        self._trigger_re = re.compile(r"(?<![\w/])(?:" + "|".join(_phrase_regex(a) for a in alts) + r")(?![\w])",
-                                      re.IGNORECASE)
+        self._trigger_re = re.compile(r"(?<![\w/])(?:" + trie_regex(trig_forms) + r")(?![\w])", re.IGNORECASE)
         # Terminators: words, plus ';' ':' and list separators (handled separately below).
         self._term_re = re.compile(
             r";|:|(?<![\w])(?:" + "|".join(_phrase_regex(normalize_term(t)) for t in
