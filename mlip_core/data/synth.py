@@ -44,7 +44,7 @@ from mlip_core.data.reportgen import generate_report, sample_findings
 from mlip_core.data.synth_findings import CHEXPERT_COLUMNS, Finding, chexpert_row, findings_from_mesh
 from mlip_core.data.synth_render import Patient, render, sample_patient, sample_scene
 
-__all__ = ["WorldSummary", "write_world", "main", "METADATA_COLUMNS", "FINDINGS_COLUMNS"]
+__all__ = ["WorldSummary", "write_world", "ensure_world", "world_parameters", "main", "METADATA_COLUMNS", "FINDINGS_COLUMNS"]
 
 WORLD_VERSION = 1
 METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
@@ -321,6 +321,48 @@ def write_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_s
                                                          indent=2, sort_keys=True) + "\n")
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+WORLD_FILES = ["files", "synth", "mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-metadata.csv",
+               "mimic-cxr-2.0.0-chexpert.csv"]
+
+
+def world_parameters(out_dir: str | os.PathLike) -> dict | None:
+    """The parameters recorded in ``out_dir/synth/world.json``, or None when there is no complete world."""
+    path = Path(out_dir) / "synth" / "world.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["parameters"]
+    except (ValueError, KeyError):
+        return None
+
+
+def ensure_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_size: int = 224,
+                 **kwargs) -> tuple[WorldSummary | None, bool]:
+    """Write the world unless ``out_dir`` already holds one made with the same parameters.
+
+    Returns (summary or None when reused, whether it was written). A world with other parameters is removed
+    first (only the paths the writer creates: ``files/``, ``synth/`` and the three CSVs)."""
+    import shutil
+
+    out = Path(out_dir)
+    wanted = {"world_version": WORLD_VERSION, "num_studies": num_studies, "seed": seed, "image_size": image_size}
+    have = world_parameters(out)
+    defaults = {"report_source": "iu", "images_per_study": 1, "studies_per_subject": 1.5,
+                "split_fractions": [0.8, 0.1, 0.1], "jpeg_quality": 95}
+    defaults.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
+                     if k not in ("workers", "progress")})
+    wanted.update(defaults)
+    if have is not None and all(have.get(k) == v for k, v in wanted.items()):
+        return None, False
+    for name in WORLD_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    return write_world(out, num_studies, seed, image_size=image_size, **kwargs), True
 
 
 def main(argv: list[str] | None = None) -> int:

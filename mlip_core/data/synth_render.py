@@ -101,7 +101,7 @@ def sample_patient(rng: np.random.Generator) -> Patient:
     n = len(lung_templates())
     return Patient(
         template=int(rng.integers(n)),
-        lung_width=float(rng.uniform(0.56, 0.74)),
+        lung_width=float(rng.uniform(0.6, 0.78)),
         aspect_jitter=float(rng.uniform(0.9, 1.1)),
         ctr=float(rng.uniform(0.36, 0.47)),
         heart_dx=float(rng.normal(0.09, 0.025)),
@@ -320,7 +320,7 @@ def render(scene: Scene) -> Rendered:
 
     # --- lungs: air, thicker centrally; markings strongest medially.
     lung = np.maximum(lung_r, lung_l)
-    air = lung * (0.26 + 0.08 * body) * np.float32(1.12 if "hyperinflation" in names else 1.0)
+    air = lung * (0.21 + 0.06 * body) * np.float32(1.12 if "hyperinflation" in names else 1.0)
     air = air * (1.0 - 0.85 * heart)  # little lung in front of and behind the heart
     medial = 1.0 - np.abs(fr.tx * np.float32(2.0 / T) - 1.0)
     markings = tex * (0.35 + 0.65 * medial) * lung
