@@ -153,6 +153,9 @@ def main() -> None:
         print(f"{name:<{width}}  {r:>10.1f}")
     print(f"cache read vs decode: {cache_read / decode:.1f}x   (target >= 5x)")
     print(f"dataset item, cache vs files: {cache_item / files_item:.1f}x")
+    per_worker = two_workers / 2
+    print(f"loader workers needed for this step rate: {max(1, int(np.ceil(step / per_worker)))} "
+          f"(one worker ~ {per_worker:.0f} images/s)")
     verdict = "yes" if two_workers >= step else "NO"
     print(f"two cache workers keep ahead of one training step: {verdict} ({two_workers:.0f} vs {step:.0f} images/s)")
 

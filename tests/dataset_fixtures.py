@@ -68,11 +68,13 @@ def write_dicom(
     rescale: tuple[float, float] | None = None,
     seed: int = 0,
     extra: dict | None = None,
+    jpeg_baseline: bool = False,
 ) -> Path:
     """A single-frame grayscale DICOM (explicit VR little endian) with 16 bits allocated.
 
     ``pixels`` (uint16, H x W) default: a fake radiograph scaled to ``bits_stored`` bits in display polarity,
-    stored inverted when ``photometric`` is MONOCHROME1 (as the modality would).
+    stored inverted when ``photometric`` is MONOCHROME1 (as the modality would). ``jpeg_baseline`` stores
+    8-bit pixels as an encapsulated baseline JPEG, the transfer syntax the SIIM-ACR DICOMs use.
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -106,7 +108,23 @@ def write_dicom(
         ds.RescaleSlope, ds.RescaleIntercept = rescale
     for k, v in (extra or {}).items():
         setattr(ds, k, v)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    if jpeg_baseline:
+        import io
+
+        from PIL import Image
+        from pydicom.encaps import encapsulate
+        from pydicom.uid import JPEGBaseline8Bit
+
+        if bits_stored != 8:
+            raise ValueError("baseline JPEG holds 8-bit pixels; pass bits_stored=8")
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8), mode="L").save(buf, format="JPEG", quality=95)
+        ds.BitsAllocated = 8
+        meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -258,7 +276,8 @@ def make_siim_tree(root: Path, n: int = 5, size: int = 32) -> dict:
     for i in range(n):
         image_id = f"1.2.276.0.7230010.3.1.4.8323329.{1000 + i}.1517875166.{i}"
         write_dicom(root / "dicom-images-train" / f"1.2.276.0.7230010.3.1.2.{i}" / f"1.2.276.0.7230010.3.1.3.{i}"
-                    / f"{image_id}.dcm", pixels=np.full((size, size), 100 + i, dtype=np.uint16), bits_stored=8)
+                    / f"{image_id}.dcm", pixels=np.full((size, size), 100 + i, dtype=np.uint16), bits_stored=8,
+                    jpeg_baseline=True)
         mask = np.zeros((size, size), dtype=np.uint8)
         if i % 2 == 0:
             parts = [(slice(3 + i, 9 + i), slice(2, 6)), (slice(20, 25), slice(10 + i, 18))][: 1 + (i % 4 == 0)]

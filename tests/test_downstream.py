@@ -187,6 +187,9 @@ def test_object_cxr_bad_inputs(tmp_path):
     assert counts["duplicate image_name"] == 2 and counts["missing image file"] == 1
     assert counts["malformed annotation (unknown ANNO_TYPE 5 (expected 0 rectangle, 1 ellipse, 2 polygon))"] == 1
     assert len(out) == 2
+    (tmp_path / "dev.csv").write_text("image,boxes\n08000.jpg,\n")
+    with pytest.raises(ValueError, match=r"dev\.csv: wrong CSV header.*image_name,annotation"):
+        D.load_object_cxr(tmp_path, "dev")
 
 
 # ---------------------------------------------------------------------------------------------- IU X-ray

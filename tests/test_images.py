@@ -48,6 +48,14 @@ def test_monochrome1_and_monochrome2_of_the_same_scene_read_identically(tmp_path
     assert np.corrcoef(m1.ravel(), truth.ravel())[0, 1] > 0.99  # MONOCHROME1 inverted back to display polarity
 
 
+def test_jpeg_baseline_compressed_dicom_decodes_like_siim_files(tmp_path):
+    truth = fake_radiograph()
+    path = write_dicom(tmp_path / "jpeg.dcm", pixels=truth.astype(np.uint16), bits_stored=8, jpeg_baseline=True)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    img = read_dicom(path).astype(np.float64)
+    assert np.corrcoef(img.ravel(), truth.ravel())[0, 1] > 0.99
+
+
 def test_window_saturates_outside_and_stretches_inside(tmp_path):
     pix = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (8, 1))
     img = read_dicom(write_dicom(tmp_path / "w.dcm", pixels=pix, bits_stored=12, window=(2048, 1024)))
