@@ -162,3 +162,27 @@ def test_reader_and_check_cli_see_every_study_of_an_offline_world(tmp_path, caps
     assert (pairs["text"].str.len() > 0).all()
     assert main(["--dataset", "mimic", "--root", str(root)]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"usable={len(frontal)} skipped=0"
+
+
+def test_reports_are_read_from_a_separate_tree_or_straight_from_the_zip(tmp_path):
+    import shutil
+    import zipfile
+
+    root = tmp_path / "jpg"
+    tree = make_mimic_tree(root, n_subjects=1, studies_per_subject=2)
+    expected, _ = load_mimic_pairs(root)
+    reports = sorted((root / "files").rglob("s*.txt"))
+    with zipfile.ZipFile(root / "mimic-cxr-reports.zip", "w") as zf:
+        for r in reports:
+            zf.write(r, "mimic-cxr-reports/" + r.relative_to(root).as_posix())
+    other = tmp_path / "reports"
+    for r in reports:
+        (other / r.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(r, other / r.relative_to(root))
+    from_zip, report = load_mimic_pairs(root)
+    assert len(report) == 0 and from_zip["text"].tolist() == expected["text"].tolist()
+    from_dir, report = load_mimic_pairs(root, reports_root=other)
+    assert len(report) == 0 and from_dir["text"].tolist() == expected["text"].tolist()
+    (root / "mimic-cxr-reports.zip").unlink()
+    _, report = load_mimic_pairs(root)
+    assert report.counts() == {"missing report file": len(tree["studies"])}

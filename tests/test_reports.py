@@ -46,6 +46,9 @@ def test_header_variants_map_to_findings_and_impression():
     assert parse_sections("IMPRESSIONS: A.\nFINDING: B.").impression == "A."
     assert parse_sections("CONCLUSION:\n  Stable.").impression == "Stable."
     assert parse_sections("NOTE: x\nFINDINGS: y").other == {"NOTE": "x"}
+    mixed = parse_sections("Findings: Lungs clear.\nImpression: Normal chest.")
+    assert (mixed.findings, mixed.impression) == ("Lungs clear.", "Normal chest.")
+    assert parse_sections("The heart: normal size.").other == {}  # lower-case words are not headers
 
 
 def test_one_section_alone_is_used_and_both_empty_is_reported_not_raised():

@@ -8,7 +8,8 @@ Real layout (PhysioNet), under ``root``::
     files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg
 
 Reports come from MIMIC-CXR (not -JPG) as ``files/p10/p10000032/s50414267.txt``; ``reports_root`` points at
-the folder holding that ``files/`` tree (default: ``root``, then ``root/mimic-cxr-reports``).
+the folder holding that ``files/`` tree or at ``mimic-cxr-reports.zip`` itself (default: ``root``, then
+``root/mimic-cxr-reports``, then ``root/mimic-cxr-reports.zip``).
 """
 
 from __future__ import annotations
@@ -136,14 +137,46 @@ def _read_labels(path: Path, report: SkipReport) -> tuple[pd.DataFrame, set[int]
     return out, set(df.loc[bad_rows.to_numpy(), "study_id"].tolist())
 
 
-def _resolve_reports_root(root: Path, reports_root: Path | None) -> Path:
-    """The folder whose ``files/`` holds the ``s<study>.txt`` reports."""
-    if reports_root is not None:
-        return Path(reports_root)
-    for cand in (root, root / "mimic-cxr-reports"):
-        if (cand / "files").is_dir() and any((cand / "files").glob("p*/p*/s*.txt")):
-            return cand
-    return root
+class _Reports:
+    """Report texts from a ``files/`` tree or straight from PhysioNet's ``mimic-cxr-reports.zip``."""
+
+    def __init__(self, root: Path, reports_root: Path | None) -> None:
+        self.zip = None
+        self.dir = root
+        cands = [Path(reports_root)] if reports_root is not None else [root, root / "mimic-cxr-reports",
+                                                                      root / "mimic-cxr-reports.zip"]
+        for cand in cands:
+            if cand.is_file() and cand.suffix == ".zip":
+                import zipfile
+
+                self.zip = zipfile.ZipFile(cand)
+                self.zip_path = cand
+                # "…/files/p10/p10000032/s50414267.txt" -> member name, whatever the prefix
+                self.members = {"/".join(n.split("/")[-4:]): n for n in self.zip.namelist() if n.endswith(".txt")}
+                return
+            if (cand / "files").is_dir() and (reports_root is not None or any((cand / "files").glob("p*/p*/s*.txt"))):
+                self.dir = cand
+                return
+
+    def close(self) -> None:
+        """Close the zip file, if one is open."""
+        if self.zip is not None:
+            self.zip.close()
+
+    def where(self, subject_id: int, study_id: int) -> Path:
+        """The file (or zip member) a study's report is read from, for messages."""
+        rel = report_path(Path(""), subject_id, study_id)
+        return self.zip_path / rel if self.zip is not None else self.dir / rel
+
+    def read(self, subject_id: int, study_id: int) -> str | None:
+        """The report text, or None when the study has no report file."""
+        if self.zip is not None:
+            name = self.members.get(report_path(Path(""), subject_id, study_id).as_posix())
+            return None if name is None else self.zip.read(name).decode("utf-8", errors="replace")
+        try:
+            return self.where(subject_id, study_id).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
 
 
 def load_mimic_pairs(
@@ -207,13 +240,12 @@ def load_mimic_pairs(
     df = df.merge(labels.drop(columns="subject_id"), on="study_id", how="left")
 
     # Report text, once per study.
-    rroot = _resolve_reports_root(root, Path(reports_root) if reports_root else None)
+    source = _Reports(root, Path(reports_root) if reports_root else None)
     texts: dict[int, tuple[str, str]] = {}
     for subject_id, study_id in df[["subject_id", "study_id"]].drop_duplicates().itertuples(index=False):
-        rp = report_path(rroot, subject_id, study_id)
-        try:
-            raw = rp.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
+        rp = source.where(subject_id, study_id)
+        raw = source.read(subject_id, study_id)
+        if raw is None:
             report.add("missing report file", f"study {study_id}", rp)
             continue
         choice = choose_text(parse_sections(raw))
@@ -221,6 +253,7 @@ def load_mimic_pairs(
             report.add("empty report: neither IMPRESSION nor FINDINGS has text", f"study {study_id}", rp)
             continue
         texts[int(study_id)] = (choice.text, choice.source)
+    source.close()
     df = df[df["study_id"].isin(list(texts))].copy()
     df["text"] = [texts[s][0] for s in df["study_id"]]
     df["text_source"] = [texts[s][1] for s in df["study_id"]]

@@ -57,6 +57,9 @@ SECTION_ALIASES: dict[str, str] = {
     "ADDENDUM": "addendum",
 }
 
+_KNOWN_HEADER = re.compile(
+    r"(?im)^[ \t]*(" + "|".join(re.escape(k) for k in sorted(SECTION_ALIASES, key=len, reverse=True)) + r")[ \t]*:"
+)
 _DEID = re.compile(r"_{2,}")  # MIMIC de-identification placeholders "___"
 _SPACE = re.compile(r"\s+")
 _LIST_MARK = re.compile(r"(?:(?<=\s)|^)\d{1,2}[.)](?=\s+[A-Za-z])")  # "1. " "2) " numbered list items
@@ -104,9 +107,13 @@ def parse_sections(report: str) -> ReportSections:
     paragraphs = [p for p in re.split(r"\n\s*\n", report) if p.strip()]
     out.last_paragraph = clean_text(paragraphs[-1]) if paragraphs else ""
 
-    matches = list(_HEADER.finditer(report))
+    # Upper-case headers of any name, plus the known names in any case ("Findings:"), by position.
+    found = {m.start(): m for m in _HEADER.finditer(report)}
+    for m in _KNOWN_HEADER.finditer(report):
+        found.setdefault(m.start(), m)
+    matches = [found[k] for k in sorted(found)]
     for i, m in enumerate(matches):
-        name = _SPACE.sub(" ", m.group(1)).strip()
+        name = _SPACE.sub(" ", m.group(1)).strip().upper()
         end = matches[i + 1].start() if i + 1 < len(matches) else len(report)
         body = clean_text(report[m.end() : end])
         canon = SECTION_ALIASES.get(name)
