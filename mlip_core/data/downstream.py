@@ -410,17 +410,20 @@ def load_iu(root: Path | str, archive: Path | str | None = None, check_files: bo
     root = Path(root)
     if archive is None and (root / "NLMCXR_reports.tgz").is_file():
         archive = root / "NLMCXR_reports.tgz"
-    reports = load_iu_reports(Path(archive) if archive is not None else None)
+    from .iu import iu_archive_path
+
+    archive = Path(archive) if archive is not None else iu_archive_path()
+    reports = load_iu_reports(archive)
     img_dir = next((d for d in (root / "images", root / "NLMCXR_png") if d.is_dir()), root)
     report = SkipReport("iu")
     rows = []
     for r in reports:
         choice = choose_text(ReportSections(findings=clean_text(r.findings), impression=clean_text(r.impression)))
         if choice.empty:
-            report.add("empty report: neither IMPRESSION nor FINDINGS has text", r.uid, archive or "NLMCXR_reports.tgz")
+            report.add("empty report: neither IMPRESSION nor FINDINGS has text", r.uid, archive)
             continue
         if not r.image_ids:
-            report.add("report has no images", r.uid, archive or "NLMCXR_reports.tgz")
+            report.add("report has no images", r.uid, archive)
             continue
         normal = int([m.strip().lower() for m in r.mesh_major] == ["normal"])
         for image_id in r.image_ids:
