@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pydicom
 import pytest
@@ -65,6 +67,26 @@ def test_window_saturates_outside_and_stretches_inside(tmp_path):
     assert np.all(np.diff(row[inside]) > 0)  # strictly increasing in the window
     no_voi = read_dicom(tmp_path / "w.dcm", apply_voi=False)[0].astype(int)
     assert no_voi[0] == 0 and no_voi[-1] == 255 and 100 < no_voi[32] < 160
+
+
+def test_voi_lut_sequence_is_applied(tmp_path):
+    from pydicom.dataset import Dataset
+
+    pix = np.tile(np.linspace(0, 4095, 64).astype(np.uint16), (8, 1))
+    path = write_dicom(tmp_path / "lut.dcm", pixels=pix, bits_stored=12)
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.LUTDescriptor = [1024, 1536, 12]  # 1024 entries, first input 1536, 12-bit output
+    item.add_new(0x00283006, "US", (np.linspace(0, 1, 1024) ** 0.5 * 4095).astype(np.uint16).tolist())  # LUTData
+    ds.VOILUTSequence = [item]
+    ds.save_as(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # integer input all the way to the LUT: no pydicom float warning
+        row = read_dicom(path)[0].astype(int)
+    assert row[pix[0] < 1536].max() == 0 and row[pix[0] >= 1536 + 1023].min() == 255
+    inside = (pix[0] > 1536) & (pix[0] < 2559)
+    steps = np.diff(row[inside])
+    assert (steps > 0).all() and steps[0] > steps[-1]  # the LUT's square-root curve, not a linear window
 
 
 def test_rescale_slope_intercept_is_applied_before_the_window(tmp_path):

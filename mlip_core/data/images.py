@@ -78,9 +78,10 @@ def dicom_to_float(ds, path: Path | str = "<dataset>", apply_voi: bool = True) -
     if arr.ndim != 2:
         raise ImageReadError(f"{path}: expected a 2-D image, got pixel array of shape {arr.shape}.")
 
-    bounds = _stored_range(ds).reshape(1, 2)
-    values = apply_modality_lut(arr, ds).astype(np.float64)
-    bounds = apply_modality_lut(bounds, ds).astype(np.float64)
+    # Keep integer dtypes until the VOI step: a VOI LUT indexes its table with the input values.
+    bounds = _stored_range(ds).astype(np.int64).reshape(1, 2)
+    values = apply_modality_lut(arr, ds)
+    bounds = apply_modality_lut(bounds, ds)
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
     if apply_voi and has_voi:
         values = apply_voi_lut(values, ds).astype(np.float64)
@@ -88,6 +89,7 @@ def dicom_to_float(ds, path: Path | str = "<dataset>", apply_voi: bool = True) -
         lo, hi = float(bounds.min()), float(bounds.max())
     else:
         # No VOI: stretch what is present (the modality range of a CR is mostly empty).
+        values = values.astype(np.float64)
         lo, hi = float(values.min()), float(values.max())
     out = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
     out = np.clip(out, 0.0, 1.0).astype(np.float32)
