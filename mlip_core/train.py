@@ -599,6 +599,7 @@ class Trainer:
                    dynamic_ncols=True)
         sampler = ResumableSampler(len(self.train_set), self.dist.world_size, self.dist.rank, seed=tc.seed)  # type: ignore
         did_val_at: int | None = None
+        start_step = self.step
         try:
             while self.step < stop_at:
                 sampler.set_epoch(self.epoch)
@@ -635,8 +636,9 @@ class Trainer:
                     self.save()
             if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}.pt"):
                 self.save()
-            if self.step >= self.total_steps and did_val_at != self.step and self.val_set is not None \
-                    and tc.val_every > 0:
+            # A run resumed at its end (e.g. a notebook re-executed) trains nothing and does not re-validate.
+            if self.step >= self.total_steps and did_val_at != self.step and self.step > start_step \
+                    and self.val_set is not None and tc.val_every > 0:
                 self._validate_and_track(final=True)
             export = self.export_image_tower() if self.dist.is_main else None
         finally:
@@ -774,21 +776,35 @@ class Trainer:
 
     # -- export ----------------------------------------------------------------------------
 
-    def export_image_tower(self) -> Path:
-        """``RUN_DIR/export/image_tower.pt`` (a plain state_dict) + ``image_tower.json`` (config, step)."""
+    def export_image_tower(self, out: str | os.PathLike | None = None) -> Path:
+        """``OUT/image_tower.pt`` (a plain state_dict) + ``image_tower.json`` (config, step); OUT defaults to
+        ``RUN_DIR/export``."""
         from mlip_core.config import config_to_dict
 
-        out = self.run_dir / "export"
-        tower = self.module.image_tower
-        state = {k: v.detach().cpu().clone() for k, v in tower.state_dict().items()}
-        path = ckpt_lib.atomic_torch_save(state, out / "image_tower.pt")
-        cfg = config_to_dict(self.config)
-        meta = {"image": cfg.get("model", {}).get("image", {}), "config": cfg, "step": self.step,
-                "code_version": ckpt_lib.code_version(), "state_dict": path.name}
-        tmp = out / "image_tower.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out / "image_tower.json")
-        return path
+        state = {k: v.detach().cpu().clone() for k, v in self.module.image_tower.state_dict().items()}
+        return write_image_tower_export(state, config_to_dict(self.config), self.step,
+                                        Path(out) if out is not None else self.run_dir / "export")
+
+
+def write_image_tower_export(state: dict[str, torch.Tensor], config: dict[str, Any], step: int, out: Path) -> Path:
+    """Write ``image_tower.pt`` (state_dict) and ``image_tower.json`` (the config, step, code version) into ``out``."""
+    path = ckpt_lib.atomic_torch_save(state, out / "image_tower.pt")
+    meta = {"image": config.get("model", {}).get("image", {}), "config": config, "step": step,
+            "code_version": ckpt_lib.code_version(), "state_dict": path.name}
+    tmp = out / "image_tower.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / "image_tower.json")
+    return path
+
+
+def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Export the image tower of a training checkpoint (e.g. ``best.pt``) like :meth:`Trainer.export_image_tower`."""
+    ckpt = ckpt_lib.load_checkpoint(checkpoint)
+    prefix = "image_tower."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise ckpt_lib.CheckpointError(f"checkpoint {checkpoint} has no image_tower.* weights; is it an MLIP run?")
+    return write_image_tower_export(state, ckpt["config"], ckpt["step"], Path(out))
 
 
 def load_image_tower_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,0 +1,127 @@
+"""Training throughput (image-report pairs per second) and peak memory of the pretraining engine.
+
+    python benchmarks/bench_train.py                 # CPU: the `ci` model sizes, ConVIRT and full MLIP
+    python benchmarks/bench_train.py --gpu           # CUDA: ResNet-50 + BERT-base (random init), batch 128, bf16
+    python benchmarks/bench_train.py --steps 6 --configs mlip --sizes ci
+
+Batches are synthetic tensors already in the collator's output format (image, token ids, entity tags, labels,
+swapped reports), so the numbers are the engine's (forward, backward, AdamW, momentum update, logging) and not
+the JPEG decoder's. Each row runs ``Trainer.fit`` for ``--steps`` optimizer steps and reports the median
+pairs/s of the steps after the first two (warm-up), read from the run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from mlip_core.config import named_config
+from mlip_core.model.mlip import MLIP
+from mlip_core.repro import seed_everything
+from mlip_core.train import Trainer, init_distributed, read_metrics
+
+# name: (image tower, image size, text tower, text hidden, text layers, heads, max_length)
+SIZES = {
+    "smoke": ("resnet18", 32, "tiny", 32, 2, 2, 32),
+    "ci": ("resnet18", 128, "minilm", 384, 6, 12, 64),
+    "gpu": ("resnet50", 224, "tiny", 768, 12, 12, 128),  # "tiny" sized as BERT-base: random init, offline
+}
+NUM_ENTITIES = 77
+
+
+class SyntheticPairs(Dataset):
+    """Collated-format items: image (1,S,S), ids/mask/entity (L,), labels (14,), swapped ids (L,)."""
+
+    def __init__(self, n: int, size: int, length: int, vocab: int = 30522) -> None:
+        self.n, self.size, self.length, self.vocab = n, size, length, vocab
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        ids = torch.randint(1000, self.vocab, (self.length,), generator=g)
+        ids[0], ids[-1] = 101, 102
+        ent = torch.where(torch.rand(self.length, generator=g) < 0.15,
+                          torch.randint(0, NUM_ENTITIES, (self.length,), generator=g), torch.full((self.length,), -1))
+        return {"image": torch.randn(1, self.size, self.size, generator=g), "input_ids": ids,
+                "attention_mask": torch.ones(self.length, dtype=torch.long), "token_entity": ent,
+                "labels": (torch.rand(14, generator=g) < 0.2).float(), "swap_input_ids": ids.roll(3),
+                "swap_attention_mask": torch.ones(self.length, dtype=torch.long),
+                "swap_label": torch.tensor(float(i % 2)), "study_id": i}
+
+
+def stack(items: list[dict]) -> dict:
+    """Stack tensor fields."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "study_id"}
+
+
+def bench(config: str, size: str, batch: int, steps: int, precision: str, device: str,
+          channels_last: bool, compile_: bool) -> dict:
+    """One row: run the trainer for ``steps`` steps and read its throughput and memory."""
+    tower, px, text, hidden, layers, heads, length = SIZES[size]
+    cfg = named_config(config)
+    cfg.model.image.name, cfg.model.image.image_size = tower, px
+    cfg.model.text.name, cfg.model.text.max_length = text, length
+    cfg.model.text.tiny_hidden_size, cfg.model.text.tiny_layers, cfg.model.text.tiny_heads = hidden, layers, heads
+    tc = cfg.train
+    tc.batch_size, tc.max_steps, tc.precision, tc.device = batch, steps, precision, device
+    tc.channels_last, tc.compile, tc.progress, tc.val_every, tc.warmup_steps = channels_last, compile_, False, 0, 1
+    seed_everything(0)
+    info = init_distributed(device)
+    ent = torch.randn(NUM_ENTITIES, hidden if text == "tiny" else 384)
+    model = MLIP(cfg, ent, prototype_entities=list(range(20)))
+    data = SyntheticPairs(batch * (steps + 1), px, length)
+    with tempfile.TemporaryDirectory() as tmp:
+        if info.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer = Trainer(cfg, Path(tmp), model, data, stack, dist_info=info)
+        t0 = time.perf_counter()
+        trainer.fit()
+        wall = time.perf_counter() - t0
+        recs = read_metrics(tmp, "step")
+    rates = [r["images_per_s"] for r in recs[2:]] or [r["images_per_s"] for r in recs]
+    mem = (torch.cuda.max_memory_allocated() / 2**30) if info.device.type == "cuda" else max(r["mem_mb"] for r in recs) / 1024
+    return {"config": config, "size": size, "model": f"{tower}@{px} + {text}({hidden}x{layers}) L={length}",
+            "batch": batch, "precision": "fp32" if info.device.type == "cpu" else precision,
+            "pairs_s": statistics.median(rates), "peak_gib": mem, "wall_s": wall,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gpu", action="store_true", help="ResNet-50 + BERT-base at batch 128 in bf16 on CUDA")
+    p.add_argument("--configs", default="convirt,mlip")
+    p.add_argument("--sizes", default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu asked but torch.cuda.is_available() is False")
+    device = "cuda" if args.gpu else "cpu"
+    sizes = (args.sizes or ("gpu" if args.gpu else "ci")).split(",")
+    batch = args.batch or (128 if args.gpu else 16)
+    steps = args.steps or (12 if args.gpu else 5)
+    rows = [bench(c, s, batch, steps, args.precision, device, args.channels_last, args.compile)
+            for s in sizes for c in args.configs.split(",")]
+    where = torch.cuda.get_device_name(0) if args.gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\ntraining throughput on {where} (torch {torch.__version__}); median of steps 3..{steps}\n")
+    head = f"{'config':<9} {'model':<44} {'batch':>5} {'prec':>5} {'params M':>8} {'pairs/s':>8} {'peak GiB':>8} {'wall s':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['config']:<9} {r['model']:<44} {r['batch']:>5} {r['precision']:>5} {r['params_m']:>8.1f} "
+              f"{r['pairs_s']:>8.1f} {r['peak_gib']:>8.2f} {r['wall_s']:>7.1f}")
+
+
+if __name__ == "__main__":
+    main()

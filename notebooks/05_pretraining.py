@@ -1,0 +1,279 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Pretraining: ConVIRT and MLIP on the offline world
+#
+# This chapter trains two image–report models on the radiographs and reports written by the
+# offline-world chapter, with the same engine and the same data, and compares them:
+#
+# - **ConVIRT** — the global image–report InfoNCE loss alone: every other report in the batch is a
+#   negative, including reports that say exactly the same thing;
+# - **MLIP** — the same towers plus the divergence (momentum) encoder that softens the targets, the
+#   knowledge guard on negatives, token–knowledge–patch alignment, the knowledge-initialised
+#   prototypes and the two proxy tasks (image–text matching and text swapping).
+#
+# What you will see: the training loss of every term, step by step; how well each model retrieves the
+# right report for a held-out image (and the right image for a report); and the exported image tower
+# that the transfer chapters fine-tune.
+#
+# **The engine in one paragraph.** `mlip_core.train` runs one loop on a CPU, one GPU or many GPUs
+# (`torchrun`, PyTorch DDP). It uses AdamW (no weight decay on biases, normalisation layers, the
+# temperature and the prototypes), a learning rate that warms up linearly and then follows a cosine,
+# gradient clipping, and bf16 autocast on GPUs. Every few steps it writes a checkpoint *atomically*
+# (to a temporary file, then renamed), holding the model *and* its momentum copy, the optimizer, the
+# schedule, every random generator and the position in the data — so a run that is killed resumes
+# exactly where it stopped, bitwise identical on CPU to a run that never stopped (the test suite and
+# `benchmarks/kill_resume.py` check this). Re-executing this notebook therefore resumes finished runs
+# instead of training again.
+#
+# Long training is not something to do inside a notebook kernel. For real datasets and GPUs the same
+# engine runs from a terminal:
+#
+# ```
+# python -m mlip_core.train --config mlip --data /data/mimic-cxr-jpg --out runs/mlip --resume auto
+# torchrun --standalone --nproc_per_node 8 -m mlip_core.train --config mlip --data ... --out ... --precision bf16
+# ```
+
+# %% tags=["parameters"]
+configs = "convirt,mlip"  # comma-separated named configs (see mlip_core.config.named_config)
+image_tower = "resnet18"  # timm model name (single-channel input)
+image_size = 128
+text_tower = "minilm"  # minilm: MiniLM-L6 shipped offline; tiny: a small random BERT
+max_length = 64  # report tokens
+freeze_text_layers = 0  # freeze the text embeddings and the first N transformer layers (speed on CPU)
+batch_size = 32
+epochs = 4
+max_steps = 0  # > 0 overrides epochs
+lr = 2e-4
+warmup_ratio = 0.1
+weight_decay = 0.05
+checkpoint_every = 20  # steps
+num_workers = 0
+seed = 0
+deterministic = True
+
+# %%
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from mlip_core.config import config_to_dict, named_config
+from mlip_core.data.mimic import load_mimic_pairs
+from mlip_core.notebook import setup
+from mlip_core.paths import workspace
+from mlip_core.train import load_image_tower_export, train
+
+device = setup(seed, deterministic=deterministic)
+print(f"device: {device}")
+
+# %% [markdown]
+# ## The data
+#
+# The offline-world chapter wrote a dataset in the exact layout of MIMIC-CXR-JPG (JPEG radiographs,
+# reports as text files, split / metadata / CheXpert label CSVs). The same reader that reads real
+# MIMIC-CXR reads it, keeping frontal (PA/AP) images; pretraining uses the `train` split and the
+# held-out `validate` split measures retrieval.
+
+# %%
+world = workspace("offline_world", create=False)
+if not (world / "mimic-cxr-2.0.0-split.csv").exists() and not (world / "mimic-cxr-2.0.0-split.csv.gz").exists():
+    raise FileNotFoundError(
+        f"{world} holds no offline world: run the chapter 01_offline_world first "
+        "(python -m mlip_core.book --profile smoke --only 01_offline_world)"
+    )
+counts = {}
+for split in ("train", "validate"):
+    pairs, skips = load_mimic_pairs(world, split=split)
+    counts[split] = {"image-report pairs": len(pairs), "studies": pairs["study_id"].nunique(),
+                     "skipped rows": len(skips)}
+pd.DataFrame(counts).T
+
+# %% [markdown]
+# One example pair, as the model sees it before tokenisation: a single-channel radiograph and the
+# report text (impression and findings).
+
+# %%
+example = pairs.iloc[0]
+from mlip_core.data.images import load_uint8  # noqa: E402
+
+fig, ax = plt.subplots(figsize=(4, 4))
+ax.imshow(load_uint8(example["image_path"], image_size), cmap="gray")
+ax.set_title(f"validate study {example['study_id']}")
+ax.axis("off")
+plt.show()
+print(example["text"][:600])
+
+# %% [markdown]
+# ## Training
+#
+# Both models share every setting below except the loss configuration. A run lives in a folder named
+# after its configuration (a hash of it), so changing a parameter starts a new run and re-running
+# the notebook with the same parameters resumes the old one (`resume="auto"`).
+
+
+# %%
+def make_config(name: str):
+    """The named config with this notebook's parameters."""
+    cfg = named_config(name)
+    cfg.model.image.name, cfg.model.image.image_size = image_tower, image_size
+    cfg.model.text.name, cfg.model.text.max_length = text_tower, max_length
+    cfg.model.text.freeze_layers = freeze_text_layers
+    tc = cfg.train
+    tc.batch_size, tc.epochs, tc.max_steps, tc.lr = batch_size, epochs, max_steps, lr
+    tc.warmup_ratio, tc.weight_decay, tc.checkpoint_every = warmup_ratio, weight_decay, checkpoint_every
+    tc.num_workers, tc.seed, tc.deterministic = num_workers, seed, deterministic
+    return cfg
+
+
+def run_folder(cfg) -> Path:
+    """runs/pretrain/<name>_<hash of the config>: a new folder whenever a setting changes."""
+    import hashlib
+
+    key = hashlib.sha1(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return workspace("runs", "pretrain", f"{cfg.name}_{key}")
+
+
+results = {}
+for name in configs.split(","):
+    cfg = make_config(name)
+    results[name] = train(cfg, data_dir=world, run_dir=run_folder(cfg), resume="auto")
+
+# %% [markdown]
+# ## Loss curves, term by term
+#
+# Each panel is one model; each line one term of its loss (the total is the weighted sum). The
+# contrastive terms start near $\log B$ (chance among the $B$ reports of a batch) and fall as image and
+# report embeddings align. In MLIP the global term's targets are softened by the momentum encoder, so
+# its floor is higher than ConVIRT's; the local, category, matching and swap terms each fall at their
+# own pace.
+
+# %%
+fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+for ax, (name, res) in zip(axes[0], results.items()):
+    hist = pd.DataFrame(res.history)
+    terms = [c for c in hist.columns if c.startswith("loss_")]
+    for term in terms:
+        ax.plot(hist["step"], hist[term], label=term.removeprefix("loss_"))
+    ax.plot(hist["step"], hist["loss"], color="black", lw=2, label="total")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{name}: training loss per term")
+    ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# The learning rate that produced these curves: linear warm-up, then a cosine decay (the same
+# schedule for both models).
+
+# %%
+first = next(iter(results.values()))
+hist = pd.DataFrame(first.history)
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.plot(hist["step"], hist["lr"])
+ax.set_xlabel("optimizer step")
+ax.set_ylabel("learning rate")
+ax.set_title("warm-up + cosine schedule")
+plt.show()
+
+# %% [markdown]
+# ## Retrieval on the held-out split
+#
+# For every validation image, rank all validation reports by cosine similarity; **R@K** (image→text)
+# is the percentage of images whose own report is among the top K — and text→image the same the other
+# way. A report shared by several images of one study counts as a hit for each of them. With N
+# validation pairs, a random ranking scores about K/N.
+
+# %%
+rows = []
+for name, res in results.items():
+    for rec in res.val_history:
+        rows.append({"config": name, "epoch": rec["epoch"], "step": rec["step"],
+                     **{k: rec[k] for k in rec if "R@" in k}, "val loss": rec.get("val_loss")})
+val = pd.DataFrame(rows)
+n_val = results[next(iter(results))].val_history[-1]["val_n"] if rows else 0
+print(f"validation pairs: {n_val}; chance R@1/5/10 ≈ {100 / max(n_val, 1):.1f} / "
+      f"{min(100, 500 / max(n_val, 1)):.1f} / {min(100, 1000 / max(n_val, 1)):.1f} %")
+final = val.sort_values("step").groupby("config").tail(1).set_index("config")
+final.round(1)
+
+# %%
+if len(val):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, grp in val.groupby("config"):
+        ax.plot(grp["epoch"] + 1, grp["i2t_R@5"], marker="o", label=f"{name} image→text")
+        ax.plot(grp["epoch"] + 1, grp["t2i_R@5"], marker="s", ls="--", label=f"{name} text→image")
+    ax.axhline(min(100, 500 / max(n_val, 1)), color="grey", lw=1, label="chance")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("R@5 (%)")
+    ax.set_title("Held-out retrieval during pretraining")
+    ax.legend(fontsize=8)
+    plt.show()
+
+# %% [markdown]
+# ## Speed and memory
+#
+# The metrics log also records throughput (image–report pairs per second) and memory at every step;
+# `benchmarks/bench_train.py` measures the same numbers for larger models and on GPUs.
+
+# %%
+speed = pd.DataFrame({
+    name: {"steps": res.steps, "median pairs/s": pd.DataFrame(res.history)["images_per_s"].median(),
+           "peak memory (MiB)": pd.DataFrame(res.history)["mem_mb"].max()}
+    for name, res in results.items()}).T
+speed.round(1)
+
+# %% [markdown]
+# ## Exporting the image tower
+#
+# Transfer learning needs only the image tower: a plain `state_dict` plus the configuration that
+# builds it. Each run exported its tower at the end; we copy it to `workspace("pretrained", NAME)`,
+# where the transfer chapters look for it, and check that it loads into a freshly built tower.
+
+# %%
+from mlip_core.model.encoders import ImageTower  # noqa: E402
+from mlip_core.train import write_image_tower_export  # noqa: E402
+
+for name, res in results.items():
+    state, meta = load_image_tower_export(res.export_path)
+    dest = workspace("pretrained", name)
+    write_image_tower_export(state, meta["config"], meta["step"], dest)
+    tower = ImageTower(make_config(name).model.image)
+    tower.load_state_dict(state)
+    with torch.no_grad():
+        feats = tower.eval()(torch.zeros(1, 1, image_size, image_size))
+    print(f"{name}: {len(state)} tensors from step {meta['step']} -> {dest}; "
+          f"global {tuple(feats.global_.shape)}, patches {tuple(feats.patches.shape)}")
+
+# %% [markdown]
+# ## What a checkpoint holds
+#
+# The last checkpoint of the MLIP run (loaded with `weights_only=True`: no code from the file runs).
+# Resuming needs every one of these entries — the momentum encoder's weights are part of `model`,
+# the data position is `epoch` + `batch_in_epoch`, and `rng` holds the Python, NumPy and PyTorch
+# generators.
+
+# %%
+last = results[list(results)[-1]].checkpoint_path
+ckpt = torch.load(last, map_location="cpu", weights_only=True)
+momentum = [k for k in ckpt["model"] if k.split(".")[0].endswith("_m")]
+pd.DataFrame({
+    "entry": ["step", "epoch", "batch_in_epoch", "model tensors", "of which momentum encoder", "optimizer",
+              "rng", "code_version"],
+    "value": [ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], len(ckpt["model"]), len(momentum),
+              f"{len(ckpt['optimizer']['state'])} parameter states", ", ".join(ckpt["rng"]),
+              ckpt["code_version"].get("git_commit", "")[:10]],
+})
