@@ -67,8 +67,10 @@ class ModelConfig:
     max_logit_scale: float = 100.0
     momentum: float = 0.995  # EMA rate of the divergence encoder
     num_free_prototypes: int = 32  # prototypes beyond the knowledge-initialised ones
-    fusion_dim: int = 256  # width of the cross-attention fusion head (ITM, text swap)
-    fusion_layers: int = 2
+    # The cross-attention fusion head (ITM over 3B pairs, text swap over B): kept small so that a whole
+    # mlip step stays within 1.6x a convirt step (benchmarks/bench_losses.py); ALBEF's is 6 x 768.
+    fusion_dim: int = 128
+    fusion_layers: int = 1
     fusion_heads: int = 4
 
 
