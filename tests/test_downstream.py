@@ -38,6 +38,8 @@ def test_chexpert_uncertainty_policies_map_minus_one_and_blank(tmp_path, policy,
             else:
                 assert got == want
     assert all(p.endswith("_frontal.jpg") for p in df["image_path"])
+    above, _ = D.load_chexpert(tmp_path, "train", policy=policy)  # the folder holding CheXpert-v1.0-small
+    assert above["image_path"].tolist() == df["image_path"].tolist()
 
 
 def test_chexpert_bad_inputs(tmp_path):

@@ -95,6 +95,9 @@ def load_chexpert(
     if policy not in UNCERTAINTY_POLICIES:
         raise ValueError(f"unknown uncertainty policy {policy!r}; use one of {UNCERTAINTY_POLICIES}")
     split = {"val": "valid", "validate": "valid"}.get(split, split)
+    for inner in ("CheXpert-v1.0-small", "CheXpert-v1.0"):  # given the folder above the dataset
+        if not (root / f"{split}.csv").is_file() and (root / inner / f"{split}.csv").is_file():
+            root = root / inner
     path = _need_file(root / f"{split}.csv", f"CheXpert {split}.csv")
     report = SkipReport("chexpert")
     df = read_csv_checked(path, ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_CSV_LABELS])
