@@ -54,7 +54,7 @@ def _split_tables(dataset: str, root: Path, args: argparse.Namespace) -> dict[st
         empty = SkipReport("mimic")
         return {s: (df[df["split"] == s], report if i == 0 else empty) for i, s in enumerate(SPLITS)}
     if dataset == "chexpert":
-        return {s: D.load_chexpert(root, s) for s in ("train", "valid") 
+        return {s: D.load_chexpert(root, s) for s in ("train", "valid")
                 if s == "train" or any((root / d / f"{s}.csv").is_file() for d in ("", "CheXpert-v1.0-small", "CheXpert-v1.0"))}
     if dataset == "rsna":
         return {"train": D.load_rsna(root)}
