@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from dataset_fixtures import (
     kaggle_mask2rle,
     make_chexpert_tree,
@@ -16,7 +15,6 @@ from dataset_fixtures import (
     make_object_cxr_tree,
     make_rsna_tree,
     make_siim_tree,
-    write_dicom,
 )
 
 from mlip_core.data import downstream as D
