@@ -126,4 +126,10 @@ def test_resize_pads_to_square_keeping_aspect():
     assert out.shape == (16, 16)
     assert (out[:, :4] == 0).all() and (out[:, -4:] == 0).all() and (out[:, 4:12] == 200).all()
     assert resize_uint8(img, 16, mode="stretch").min() == 200
-    assert load_uint8  # the read+resize helper is exercised by the dataset tests
+
+
+def test_reduced_scale_jpeg_decoding_matches_full_decoding_after_resize(tmp_path):
+    path = write_jpg(tmp_path / "big.jpg", h=512, w=400, seed=3)  # decoded at 1/4 scale for a 64 target
+    fast = load_uint8(path, 64).astype(int)
+    full = resize_uint8(read_image(path), 64).astype(int)
+    assert np.abs(fast - full).mean() < 0.5 and np.abs(fast - full).max() <= 4
