@@ -67,7 +67,8 @@ _TRIGGERS: dict[str, list[str]] = {
         "suggesting", "suggest", "worrisome for", "evaluate for", "rule out", "r/o", "borderline", "equivocal",
         "indeterminate", "presumed", "presumably", "apparent", "apparently", "atypical for", "may have",
         "cannot be ruled out", "versus", "vs", "or possibly", "uncertain", "not entirely excluded",
-        "is not excluded", "not excluded", "cannot be excluded", "can not be excluded",
+        "is not excluded", "not excluded", "cannot be excluded", "can not be excluded", "question",
+        "questioned",
         "could not be excluded", "not ruled out", "could not be ruled out", "can't exclude",
     ],
     "unc_post": [
