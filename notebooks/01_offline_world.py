@@ -282,10 +282,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 rows = split.merge(truth, on=["subject_id", "study_id"])
-thumbs = np.stack([
-    np.asarray(Image.open(next((world_dir / "files").glob(f"p{str(s)[:2]}/p{s}/s{t}/{d}.jpg"))).resize((32, 32)),
-               np.float32).ravel() / 255.0
-    for d, s, t in zip(rows["dicom_id"], rows["subject_id"], rows["study_id"])])
+paths = [world_dir / "files" / f"p{str(s)[:2]}" / f"p{s}" / f"s{t}" / f"{d}.jpg"
+         for d, s, t in zip(rows["dicom_id"], rows["subject_id"], rows["study_id"])]
+thumbs = np.stack([np.asarray(Image.open(p).resize((32, 32), Image.BILINEAR), np.float32).ravel() / 255.0
+                   for p in paths])
 train_m, test_m = (rows["split"] == "train").to_numpy(), (rows["split"] == "test").to_numpy()
 probe = []
 for col in ["Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Atelectasis", "Support Devices", "No Finding"]:

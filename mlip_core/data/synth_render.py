@@ -48,6 +48,7 @@ class Patient:
     body_fat: float  # 0 thin .. 1 large soft-tissue envelope
     female: bool
     mediastinum: float  # mediastinal width, in lung widths
+    heart_density: float = 0.18  # how much denser the heart is than the lung it covers
 
 
 @dataclass(frozen=True)
@@ -103,16 +104,17 @@ def sample_patient(rng: np.random.Generator) -> Patient:
         template=int(rng.integers(n)),
         lung_width=float(rng.uniform(0.6, 0.78)),
         aspect_jitter=float(rng.uniform(0.9, 1.1)),
-        ctr=float(rng.uniform(0.36, 0.47)),
+        ctr=float(rng.uniform(0.38, 0.49)),
         heart_dx=float(rng.normal(0.09, 0.025)),
         heart_dy=float(rng.normal(0.0, 0.03)),
         body_fat=float(rng.uniform(0.0, 1.0)),
         female=bool(rng.random() < 0.5),
         mediastinum=float(rng.uniform(0.15, 0.2)),
+        heart_density=float(rng.uniform(0.1, 0.22)),
     )
 
 
-_CTR_BY_SEVERITY = {"mild": (0.55, 0.6), "moderate": (0.6, 0.65), "severe": (0.65, 0.72)}
+_CTR_BY_SEVERITY = {"mild": (0.52, 0.57), "moderate": (0.57, 0.63), "severe": (0.63, 0.7)}
 
 
 def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Finding] | tuple[Finding, ...],
@@ -145,8 +147,8 @@ def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Find
         seed=int(rng.integers(2**31)),
         view=view,
         rotation=float(rng.normal(0.0, 3.0)),
-        shift=(float(rng.normal(0.0, 0.035)), float(rng.normal(0.0, 0.03))),
-        zoom=float(rng.uniform(0.88, 1.08)) * (1.05 if view == "AP" else 1.0),
+        shift=(float(rng.normal(0.0, 0.045)), float(rng.normal(0.0, 0.04))),
+        zoom=float(rng.uniform(0.85, 1.12)) * (1.05 if view == "AP" else 1.0),
         inspiration=inspiration,
         lung_top=float(rng.uniform(0.1, 0.17)) - (0.03 if view == "AP" else 0.0),
         exposure=float(rng.uniform(1.6, 2.8)),
@@ -363,7 +365,7 @@ def render(scene: Scene) -> Rendered:
     above = 1.0 - abdomen
     dens = (0.44 * body + 0.2 * abdomen * body + 0.16 * med * body * above
             + 0.1 * spine * (0.6 + 0.4 * vert) - 0.12 * trachea
-            + 0.18 * heart * above * (1.0 - med) + 0.1 * knob * (1 - lung) + 0.13 * ribs + 0.16 * clav - air)
+            + p.heart_density * heart * above * (1.0 - med) + 0.1 * knob * (1 - lung) + 0.13 * ribs + 0.16 * clav - air)
     if p.female:
         for sgn in (-1.0, 1.0):
             dens += 0.07 * np.exp(-(((u - (0.5 + sgn * 0.32 * W)) / (0.16 * W)) ** 2
@@ -383,7 +385,7 @@ def render(scene: Scene) -> Rendered:
         sev = {"mild": 0, "moderate": 1, "severe": 2}[f.severity]
         mask = None
         if f.name == "cardiomegaly":
-            mask = heart > 0.5
+            mask = (r2 < 1.0) & (v < fr.y0 + H)
         elif f.name == "enlarged_cardiomediastinum":
             mask = (upper_med > 0.5) & (np.abs(xs) > mw / 2)
         elif f.name in ("effusion", "elevated_diaphragm"):
@@ -534,7 +536,7 @@ def render(scene: Scene) -> Rendered:
     anatomy = np.zeros((s, s), np.uint8)
     anatomy[lung_r > 0.5] = 1
     anatomy[lung_l > 0.5] = 2
-    heart_mask = (heart > 0.5) & (v < fr.y0 + H * 1.0)
+    heart_mask = (r2 < 1.0) & (v < fr.y0 + H * 1.0)  # the ellipse whose width defines the CTR
     anatomy[heart_mask] = 3
     measured = _measure_ctr(heart_mask, (lung_r > 0.5) | (lung_l > 0.5))
     return Rendered(image=image, instances=instances, anatomy=anatomy, ctr=measured)
