@@ -258,3 +258,21 @@ def test_check_cli_missing_root_file_exits_2_and_names_it(tmp_path, capsys):
     assert main(["--dataset", "rsna", "--root", str(tmp_path)]) == 2
     captured = capsys.readouterr()
     assert "stage_2_train_labels.csv" in captured.err and captured.out.strip().endswith("usable=0 skipped=0")
+
+
+def test_transfer_datasets_load_through_two_worker_dataloaders(tmp_path):
+    import torch
+
+    from mlip_core.data.cache import ImageCache
+
+    tree = make_chexpert_tree(tmp_path)
+    df, _ = D.load_chexpert(tree["root"], "train", policy="ignore")
+    cache = ImageCache(tmp_path / "cache", df["image_path"].tolist(), 24)
+    ds = D.ImageLabelDataset(df, D.CHEXPERT_5, image_size=24, cache=cache)
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2))
+    labels = torch.cat([b["labels"] for b in batches])
+    assert labels.shape == (len(df), 5)
+    assert torch.equal(torch.isnan(labels), torch.tensor(df[D.CHEXPERT_5].isna().to_numpy()))
+    siim, _ = D.load_siim(make_siim_tree(tmp_path / "siim")["root"])
+    masks = [b["mask"] for b in torch.utils.data.DataLoader(D.SegmentationDataset(siim, 16), batch_size=2, num_workers=2)]
+    assert torch.cat(masks).shape == (len(siim), 1, 16, 16)
