@@ -182,3 +182,17 @@ def test_generated_reports_negate_absent_and_hedge_uncertain():
                 assert any(h in text for h in ("possible", "cannot be excluded", "may represent", "questionable",
                                                "probable"))
     assert seen_hedge
+
+
+def test_ensure_world_reuses_same_parameters_and_rewrites_changed_ones(tmp_path: Path):
+    from mlip_core.data.synth import ensure_world
+
+    summary, written = ensure_world(tmp_path, num_studies=4, seed=0, image_size=32)
+    assert written and summary.studies == 4
+    before = _digest(tmp_path)
+    assert ensure_world(tmp_path, num_studies=4, seed=0, image_size=32) == (None, False)
+    assert _digest(tmp_path) == before
+    (tmp_path / "unrelated.txt").write_text("kept")
+    summary, written = ensure_world(tmp_path, num_studies=6, seed=0, image_size=32)
+    assert written and len(_rows(tmp_path / "mimic-cxr-2.0.0-split.csv")) == 6
+    assert (tmp_path / "unrelated.txt").read_text() == "kept"  # only the writer's own paths are removed
