@@ -123,9 +123,9 @@ pd.DataFrame([{
 # | varies | how | why it matters |
 # |---|---|---|
 # | lung shape | one of 433 real outlines per patient, width/height jitter | findings follow anatomy, not pixels |
-# | body size | lung width 0.56–0.74 of the frame, soft-tissue thickness | scale invariance |
-# | heart | cardiothoracic ratio 0.36–0.47 normally, position jitter | cardiomegaly is a *ratio*, not a blob size |
-# | pose | rotation ±3° (s.d.), shift ±3.5%, zoom 0.88–1.08 | no fixed pixel per finding |
+# | body size | lung width 0.60–0.78 of the frame, soft-tissue thickness | scale invariance |
+# | heart | cardiothoracic ratio 0.38–0.49 when normal (0.52–0.70 with cardiomegaly), position and density jitter | cardiomegaly is a *ratio*, not a blob size |
+# | pose | rotation 3° s.d., shift 4–4.5% s.d., zoom 0.85–1.12 | no fixed pixel per finding |
 # | inspiration | lung height ×0.9–1.1 (×0.8 / ×1.14 for hypo-/hyperinflation) | |
 # | exposure | attenuation, window, gamma, heel effect, quantum noise | intensity invariance |
 # | view | PA or AP (AP: magnified heart, higher clavicles, "PORTABLE") | a real confounder |
