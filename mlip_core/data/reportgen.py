@@ -92,6 +92,9 @@ _NEGATIONS = {
 }
 
 
+_PLURAL = ("hyperinflated lungs", "low lung volumes", "median sternotomy wires", "increased interstitial markings")
+
+
 def _pick(rng: np.random.Generator, options: list[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
@@ -168,7 +171,9 @@ def generate_report(findings: list[Finding], rng: np.random.Generator, negation_
             text = _pick(rng, _HEDGES).format(x=phrase)
             sentences.append(text[0].upper() + text[1:] + ".")
         else:
-            lead = _pick(rng, ["There is {x}.", "{X}.", "{X} is seen.", "Redemonstration of {x}."])
+            plural = phrase.startswith(_PLURAL)
+            lead = _pick(rng, ["{X}.", "Redemonstration of {x}."] if plural else
+                         ["There is {x}.", "{X}.", "{X} is seen.", "Redemonstration of {x}."])
             text = lead.replace("{x}", phrase).replace("{X}", phrase[0].upper() + phrase[1:])
             sentences.append(text)
         if f.name not in ("granuloma", "scoliosis", "hypoinflation", "hyperinflation", "scarring") and len(impression) < 3:
