@@ -316,7 +316,7 @@ class KnowledgeExtractor:
             for lo, hi, trig_end in scopes:
                 # Overlap with the scope; a forward scope never reaches back before its trigger, but a trigger
                 # inside the mention ("heart is not enlarged") counts.
-                if a < hi and b > lo and (trig_end < 0 or b > trig_end):
+                if a < hi and b > lo and (trig_end < 0 or b >= trig_end):
                     return True
             return False
 
