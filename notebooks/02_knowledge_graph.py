@@ -259,10 +259,11 @@ sample = [report_text(r) for r in load_iu_reports()[:speed_reports]]
 t0 = time.perf_counter()
 for text in sample:
     extractor.report_labels(text)
-rate = len(sample) / (time.perf_counter() - t0)
-print(f"{rate:.0f} reports/s in this kernel; at that rate MIMIC-CXR's ~227,835 reports (about four times "
-      f"longer than IU's) take roughly {227_835 * 4 / rate / 60:.0f} min on one core. "
-      "benchmarks/bench_extract.py measures it properly.")
+seconds = time.perf_counter() - t0
+rate, chars_rate = len(sample) / seconds, sum(map(len, sample)) / seconds
+print(f"{rate:.0f} IU reports/s ({chars_rate / 1e3:.0f} k characters/s) in this kernel: MIMIC-CXR's 227,835 "
+      f"reports would take {227_835 / rate / 60:.1f} min at IU length, proportionally longer for longer reports. "
+      "benchmarks/bench_extract.py measures it on one pinned core.")
 
 # %% [markdown]
 # ## With a UMLS licence

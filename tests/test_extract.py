@@ -45,6 +45,12 @@ def test_longest_surface_form_wins(ex):
     assert [m.entity_id for m in ex.mentions("Pleural effusion.")] == ["pleural_effusion"]
 
 
+def test_look_alike_phrases_are_their_own_entities(ex):
+    assert status(ex, "Small pericardial effusion.") == {"pericardial_effusion": "positive"}
+    assert status(ex, "Subcutaneous emphysema in the chest wall.") == {"subcutaneous_emphysema": "positive"}
+    assert status(ex, "Aortic calcification.") == {"calcification": "positive"}
+
+
 def test_mention_spans_index_the_original_text(ex):
     text = "Heart size normal.\n\nIMPRESSION: Small  left pleural-effusion."
     for m in ex.mentions(text):
@@ -114,6 +120,8 @@ def test_normal_phrasings_deny_the_finding(ex):
     ("Early pneumonia is not excluded.", "pneumonia"),
     ("Suspicious for a right upper lobe mass.", "mass"),
     ("Borderline cardiomegaly.", "cardiomegaly"),
+    ("Borderline heart size.", "cardiomegaly"),
+    ("Question small right pleural effusion.", "pleural_effusion"),
     ("Atelectasis versus consolidation.", "consolidation"),
     ("Atelectasis versus consolidation.", "atelectasis"),
     ("Opacity which could be atelectasis.", "atelectasis"),

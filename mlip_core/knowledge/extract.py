@@ -224,6 +224,8 @@ class KnowledgeExtractor:
     # ------------------------------------------------------------------ mentions
     def mentions(self, text: str) -> list[Mention]:
         """All entity mentions in ``text`` (character spans into ``text``), in order of appearance."""
+        if not isinstance(text, str):
+            raise TypeError(f"mentions expects a report string, got {type(text).__name__}")
         out: list[Mention] = []
         for s0, s1 in self.sentence_spans(text):
             out.extend(self._sentence_mentions(text, s0, s1))
