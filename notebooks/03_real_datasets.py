@@ -37,6 +37,8 @@
 num_studies = 24  # studies in the small world this chapter writes
 image_size = 128  # cache / training image side
 seed = 0
+check_dataset = ""  # optional real dataset to check: mimic, chexpert, rsna, siim, covidx, object-cxr or iu
+check_root = ""  # its folder (a real download); both empty: skip
 
 # %%
 import contextlib
@@ -151,6 +153,20 @@ buffer = io.StringIO()
 with contextlib.redirect_stdout(buffer):
     check_main(["--dataset", "mimic", "--root", str(world)])
 print(buffer.getvalue())
+
+# %% [markdown]
+# With `check_dataset` and `check_root` set (for example
+# `python -m mlip_core.book --profile full --only 03_real_datasets -p check_dataset=siim -p check_root=/data/siim`),
+# the same check runs on a real download here.
+
+# %%
+if check_dataset and check_root:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        check_main(["--dataset", check_dataset, "--root", check_root])
+    print(buffer.getvalue())
+else:
+    print("no real dataset given (check_dataset / check_root are empty)")
 
 # %% [markdown]
 # ## Transfer formats in miniature
