@@ -65,3 +65,20 @@ def test_cache_pickles_without_its_memmap_and_builds_in_parallel(tmp_path):
     assert np.array_equal(cache.array, serial.array)
     clone = pickle.loads(pickle.dumps(cache))
     assert clone._mm is None and np.array_equal(clone[3], cache[3])
+
+
+def _open_cache(args):
+    directory, paths = args
+    cache = ImageCache(directory, paths, 24)
+    return cache.rebuilt, cache.array.sum(dtype=np.int64).item()
+
+
+def test_concurrent_openers_build_once_and_agree(tmp_path):
+    import multiprocessing as mp
+
+    paths = [str(p) for p in _files(tmp_path, n=8)]
+    with mp.get_context("spawn").Pool(3) as pool:
+        results = pool.map(_open_cache, [(str(tmp_path / "c"), paths)] * 3)
+    assert sum(rebuilt for rebuilt, _ in results) == 1  # the others waited and reused it
+    assert len({total for _, total in results}) == 1
+    assert not ImageCache(tmp_path / "c", paths, 24).rebuilt

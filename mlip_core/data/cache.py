@@ -13,6 +13,7 @@ format here is deliberately plain numpy so any worker can ``np.memmap`` it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,6 +50,22 @@ def cache_key(paths: Sequence[Path | str], size: int, resize_mode: str = "pad", 
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive advisory lock on ``lock_path`` (POSIX ``flock``; a no-op where it does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _decode(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str]:
     """Worker: (path, size, mode) -> (uint8 (size, size) or None, error message)."""
     path, size, mode = args
@@ -79,10 +96,15 @@ class ImageCache:
         self.rebuilt = False
         self._mm: np.ndarray | None = None
         if not self._load_index():
-            self._build(num_workers=num_workers, progress=progress)
-            self.rebuilt = True
-            if not self._load_index():  # pragma: no cover - only if the disk lies to us
-                raise RuntimeError(f"{self.directory}: the cache was just written but its index does not match")
+            # One builder at a time (e.g. every rank of a torchrun job opens the same cache): the others
+            # wait on the lock, then find the finished index.
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with _exclusive(self.directory / "build.lock"):
+                if not self._load_index():
+                    self._build(num_workers=num_workers, progress=progress)
+                    self.rebuilt = True
+                    if not self._load_index():  # pragma: no cover - only if the disk lies to us
+                        raise RuntimeError(f"{self.directory}: the cache was just written but its index does not match")
 
     # -- index ---------------------------------------------------------------------------------------
     def _load_index(self) -> bool:
