@@ -89,6 +89,17 @@ def test_voi_lut_sequence_is_applied(tmp_path):
     assert (steps > 0).all() and steps[0] > steps[-1]  # the LUT's square-root curve, not a linear window
 
 
+def test_signed_pixels_read_in_order(tmp_path):
+    pix = np.tile(np.linspace(-2000, 2000, 64).astype(np.int16), (4, 1))
+    path = write_dicom(tmp_path / "s.dcm", pixels=pix, bits_stored=16, extra={"PixelRepresentation": 1})
+    assert pydicom.dcmread(path).pixel_array.min() == -2000
+    row = read_dicom(path)[0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and (np.diff(row) >= 0).all()
+    windowed = read_dicom(write_dicom(tmp_path / "sw.dcm", pixels=pix, bits_stored=16, window=(0, 1000),
+                                      extra={"PixelRepresentation": 1}))[0].astype(int)
+    assert windowed[pix[0] < -520].max() == 0 and windowed[pix[0] > 520].min() == 255
+
+
 def test_rescale_slope_intercept_is_applied_before_the_window(tmp_path):
     pix = np.tile(np.arange(0, 1000, 10, dtype=np.uint16), (4, 1))
     # stored 0..990 -> modality -1000..980 (slope 2, intercept -1000); window on [-200, 200]
