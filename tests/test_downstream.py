@@ -258,6 +258,8 @@ def test_check_cli_missing_root_file_exits_2_and_names_it(tmp_path, capsys):
     assert main(["--dataset", "rsna", "--root", str(tmp_path)]) == 2
     captured = capsys.readouterr()
     assert "stage_2_train_labels.csv" in captured.err and captured.out.strip().endswith("usable=0 skipped=0")
+    assert main(["--dataset", "iu", "--root", str(tmp_path / "absent")]) == 2
+    assert "absent: no such folder" in capsys.readouterr().err
 
 
 def test_transfer_datasets_load_through_two_worker_dataloaders(tmp_path):

@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     print(f"dataset={args.dataset} root={args.root}")
+    if not args.root.is_dir():
+        print(f"error: {args.root}: no such folder; pass --root the folder the dataset was downloaded to.",
+              file=sys.stderr)
+        print("usable=0 skipped=0")
+        return 2
     try:
         tables = _split_tables(args.dataset, args.root, args)
     except (FileNotFoundError, ValueError) as exc:
