@@ -74,12 +74,18 @@ def test_rsna_bad_inputs(tmp_path):
     labels = pd.read_csv(tmp_path / "stage_2_train_labels.csv")
     labels.loc[len(labels) - 1, "Target"] = 2  # unknown target
     labels.loc[0, "width"] = np.nan  # positive without a box
+    negative = labels[labels["Target"] == 0].iloc[[0]]
+    labels = pd.concat([labels, negative])  # the same negative patient twice
     labels.to_csv(tmp_path / "stage_2_train_labels.csv", index=False)
+    gone = tmp_path / "stage_2_train_images" / f"{labels.patientId.unique()[3]}.dcm"
+    gone.unlink()
     truncated = tmp_path / "stage_2_train_images" / f"{labels.patientId.unique()[1]}.dcm"
     truncated.write_bytes(truncated.read_bytes()[:300])
     df, report = D.load_rsna(tmp_path)
     assert report.counts()["unknown Target value (expected 0 or 1)"] == 1
     assert report.counts()["Target 1 without a valid box"] == 1
+    assert report.counts()["duplicate patientId rows for Target 0"] == 1
+    assert report.counts()["missing image file"] == 1 and str(gone) not in set(df["image_path"])
     # The reader lists the truncated file (its CSV row is fine); decoding it names the file and the fix.
     assert str(truncated) in set(df["image_path"])
     from mlip_core.data.images import ImageReadError, read_image
@@ -201,6 +207,9 @@ def test_iu_pairs_every_image_and_counts_empty_reports(tmp_path):
     assert sorted(df["image_id"]) == want
     assert df.set_index("uid")["normal"].groupby(level=0).first().to_dict() == {"CXR1": 1, "CXR2": 0, "CXR3": 1}
     assert df["text"].iloc[0].startswith("No acute disease.")
+    (tmp_path / "images" / f"{want[0]}.png").unlink()
+    df, report = D.load_iu(tmp_path)
+    assert report.counts()["missing image file"] == 1 and len(df) == len(want) - 1
 
 
 # ---------------------------------------------------------------------------------------------- splits
