@@ -196,3 +196,26 @@ def test_ensure_world_reuses_same_parameters_and_rewrites_changed_ones(tmp_path:
     summary, written = ensure_world(tmp_path, num_studies=6, seed=0, image_size=32)
     assert written and len(_rows(tmp_path / "mimic-cxr-2.0.0-split.csv")) == 6
     assert (tmp_path / "unrelated.txt").read_text() == "kept"  # only the writer's own paths are removed
+
+
+def test_preview_grid_shows_images_masks_and_report_excerpts(world: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlip_core.data.preview import preview_grid, report_excerpt, world_examples
+
+    ex = world_examples(world, n=4, seed=0)
+    assert len(ex) == 4 and ex["image_path"].map(Path.is_file).all()
+    assert sum(bool(f) for f in ex["findings"]) >= 2  # most examples show a drawn finding
+    fig = preview_grid(world, n=4, cols=2, seed=0)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 4
+    titles = " ".join(ax.get_title() for ax in shown)
+    drawn = {f["finding"] for fs in ex["findings"] for f in fs}
+    assert all(name.split("_")[0] in titles for name in drawn)
+    plt.close(fig)
+    text = "FINAL REPORT\n\nFINDINGS: Lungs clear.\n\nIMPRESSION: No acute process."
+    assert report_excerpt(text) == "No acute process."
+    assert report_excerpt("FINDINGS: Lungs clear.") == "Lungs clear."

@@ -13,9 +13,6 @@ from PIL import Image
 
 __all__ = ["world_examples", "preview_grid", "report_excerpt"]
 
-_SECTION = re.compile(r"^(IMPRESSION|FINDINGS):\s*(.*)$", re.M | re.S)
-
-
 def report_excerpt(text: str, chars: int = 140) -> str:
     """The impression (else findings) of a MIMIC-style report, cut to ``chars`` characters."""
     parts = dict(re.findall(r"^(IMPRESSION|FINDINGS):\s*(.*?)(?=\n\n[A-Z ]+:|\Z)", text, re.M | re.S))

@@ -19,7 +19,9 @@ Layout (MIMIC-CXR-JPG 2.0.0, so the real reader reads it unchanged):
 Reports: each study takes a real IU report (read from torchxrayvision at run time, never stored in the repo)
 and its image is drawn from that report's MeSH terms. Reports with no text or "No Indexing" are skipped and
 counted. When more studies are asked for than there are IU reports, or with ``report_source="template"``,
-the template generator writes the report. Same seed, same arguments -> byte-identical files.
+the template generator writes the report. Same seed, same arguments -> byte-identical files, for any number
+of workers (every study draws from its own seeded stream). Across machines the bytes can differ in the last
+bit where numpy's vectorised exp/sin differ by CPU; the content is the same.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from PIL import Image
 
 from mlip_core.data.iu import IUReport, load_iu_reports
 from mlip_core.data.reportgen import generate_report, sample_findings
-from mlip_core.data.synth_findings import CHEXPERT_COLUMNS, Finding, chexpert_row, findings_from_mesh
+from mlip_core.data.synth_findings import CHEXPERT_COLUMNS, chexpert_row, findings_from_mesh
 from mlip_core.data.synth_render import Patient, render, sample_patient, sample_scene
 
 __all__ = ["WorldSummary", "write_world", "ensure_world", "world_parameters", "main", "METADATA_COLUMNS", "FINDINGS_COLUMNS"]
