@@ -95,6 +95,13 @@ def test_negation_scope_ends_at_clause_boundaries(ex, text, negated, affirmed):
     assert s[affirmed] == "positive"
 
 
+def test_post_negation_covers_a_conjunction_list_but_not_a_comma_clause(ex):
+    assert status(ex, "The effusion and pneumothorax have resolved.") == {
+        "pleural_effusion": "negative", "pneumothorax": "negative"}
+    assert status(ex, "Small effusion, pneumothorax has resolved.") == {
+        "pleural_effusion": "positive", "pneumothorax": "negative"}
+
+
 def test_negation_does_not_reach_back_before_its_trigger(ex):
     assert status(ex, "Cardiomegaly without pulmonary edema.") == {"cardiomegaly": "positive", "edema": "negative"}
 

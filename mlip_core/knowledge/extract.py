@@ -293,8 +293,10 @@ class KnowledgeExtractor:
             for t in terms:
                 if t < end:
                     begin = max(begin, t)
+            # A conjunction list before a post-trigger is covered as a whole ("effusion and pneumothorax have
+            # resolved"); a comma ends the scope ("small effusion, pneumothorax has resolved").
             for a, b in seps:
-                if b <= end:
+                if b <= end and (lower[a:b] not in ("and", "or", "nor") or not list_continues(b)):
                     begin = max(begin, b)
             for tr in triggers:
                 if tr.end <= end and tr.kind.startswith(stop_kinds):
