@@ -871,6 +871,9 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
             log.warning("%s split of %s: %s", name, data_dir, skips.summary() if hasattr(skips, "summary") else skips)
     graph = KnowledgeGraph.load_default()
     tokenizer = build_tokenizer(mc.text)
+    # Re-seed right before anything random is built: the readers above may or may not draw random numbers
+    # (a cache built now or loaded from disk), and the initial weights must depend on the seed alone.
+    seed_everything(config.train.seed, deterministic=config.train.deterministic)
     entity_emb = None
     if (lc.local == "mlip" and lc.knowledge_fusion) or (lc.category and lc.knowledge_prototypes):
         entity_emb = embed_entities(TextTower(mc.text), tokenizer, graph.entity_texts(), max_length=mc.text.max_length)
