@@ -124,7 +124,7 @@ pd.DataFrame([{
 # |---|---|---|
 # | lung shape | one of 433 real outlines per patient, width/height jitter | findings follow anatomy, not pixels |
 # | body size | lung width 0.60–0.78 of the frame, soft-tissue thickness | scale invariance |
-# | heart | cardiothoracic ratio 0.38–0.49 when normal (0.52–0.70 with cardiomegaly), position and density jitter | cardiomegaly is a *ratio*, not a blob size |
+# | heart | cardiothoracic ratio 0.37–0.47 when normal (0.54–0.70 with cardiomegaly), position and density jitter | cardiomegaly is a *ratio*, not a blob size |
 # | pose | rotation 3° s.d., shift 4–4.5% s.d., zoom 0.85–1.12 | no fixed pixel per finding |
 # | inspiration | lung height ×0.9–1.1 (×0.8 / ×1.14 for hypo-/hyperinflation) | |
 # | exposure | attenuation, window, gamma, heel effect, quantum noise | intensity invariance |

@@ -49,6 +49,7 @@ class Patient:
     female: bool
     mediastinum: float  # mediastinal width, in lung widths
     heart_density: float = 0.18  # how much denser the heart is than the lung it covers
+    heart_axis: float = 25.0  # degrees of the heart's long axis below horizontal
 
 
 @dataclass(frozen=True)
@@ -104,17 +105,18 @@ def sample_patient(rng: np.random.Generator) -> Patient:
         template=int(rng.integers(n)),
         lung_width=float(rng.uniform(0.6, 0.78)),
         aspect_jitter=float(rng.uniform(0.9, 1.1)),
-        ctr=float(rng.uniform(0.38, 0.49)),
+        ctr=float(rng.uniform(0.37, 0.47)),
         heart_dx=float(rng.normal(0.09, 0.025)),
         heart_dy=float(rng.normal(0.0, 0.03)),
         body_fat=float(rng.uniform(0.0, 1.0)),
         female=bool(rng.random() < 0.5),
         mediastinum=float(rng.uniform(0.15, 0.2)),
         heart_density=float(rng.uniform(0.1, 0.22)),
+        heart_axis=float(rng.uniform(15.0, 35.0)),
     )
 
 
-_CTR_BY_SEVERITY = {"mild": (0.52, 0.57), "moderate": (0.57, 0.63), "severe": (0.63, 0.7)}
+_CTR_BY_SEVERITY = {"mild": (0.54, 0.58), "moderate": (0.58, 0.64), "severe": (0.64, 0.7)}
 
 
 def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Finding] | tuple[Finding, ...],
@@ -146,7 +148,7 @@ def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Find
         size=int(size),
         seed=int(rng.integers(2**31)),
         view=view,
-        rotation=float(rng.normal(0.0, 3.0)),
+        rotation=float(np.clip(rng.normal(0.0, 3.0), -7.0, 7.0)),
         shift=(float(rng.normal(0.0, 0.045)), float(rng.normal(0.0, 0.04))),
         zoom=float(rng.uniform(0.85, 1.12)) * (1.05 if view == "AP" else 1.0),
         inspiration=inspiration,
@@ -309,13 +311,19 @@ def render(scene: Scene) -> Rendered:
         ctr = float(_finding_rng(scene.seed, cardio, 0).uniform(lo_, hi_))
     if scene.view == "AP":
         ctr *= 1.06  # AP magnifies the heart: a real confounder of the cardiothoracic ratio
-    a = ctr * W / 2
-    b = a * 0.62 + 0.05 * H
+    # An ellipse whose long axis runs from the right atrium down to the apex (patient left, image right);
+    # the semi-axes are set so that its horizontal extent is exactly ctr * (lung width).
+    th_h = np.deg2rad(p.heart_axis)
+    ch, sh, k = float(np.cos(th_h)), float(np.sin(th_h)), 0.62
+    a = ctr * W / 2 / np.sqrt(ch * ch + k * k * sh * sh)
+    b = k * a
+    half_h = np.sqrt(a * a * sh * sh + b * b * ch * ch)
     hx = 0.5 + (p.heart_dx + (ctr - 0.42) * 0.25) * W
-    hy = fr.y0 + (0.77 + p.heart_dy) * H
-    r2 = ((u - hx) / a) ** 2 + ((v - hy) / b) ** 2
+    hy = fr.y0 + 0.95 * H - 0.7 * half_h + p.heart_dy * H  # resting on the diaphragm
+    du_h, dv_h = u - np.float32(hx), v - np.float32(hy)
+    r2 = ((du_h * ch + dv_h * sh) / a) ** 2 + ((dv_h * ch - du_h * sh) / b) ** 2
     heart = np.clip((1.0 - r2) * 6.0, 0.0, 1.0)
-    upper_med = _sigmoid((mw_upper / 2 - np.abs(xs)) / (0.01 * W)) * _sigmoid((hy - 0.6 * b - v) / 0.01)
+    upper_med = _sigmoid((mw_upper / 2 - np.abs(xs)) / (0.01 * W)) * _sigmoid((hy - 0.8 * half_h - v) / 0.01)
     med = np.maximum(med, upper_med)
     knob = np.exp(-(((u - (0.5 + 0.5 * mw_upper + 0.02 * W)) / (0.035 * W)) ** 2
                     + ((v - (fr.y0 + 0.22 * H)) / (0.04 * H)) ** 2))
