@@ -206,7 +206,7 @@ class KnowledgeExtractor:
                     groups.append(f"(?P<{name}>{flexible})")
                     self._group_entity[name] = (ent.id, kind)
         groups.append(f"(?P<lex>{trie_regex(forms)})")
-        self._entity_re = re.compile(r"(?<![\w/])(?:" + "|".join(groups) + r")(?![\w])", re.IGNORECASE)
+        self._entity_re = re.compile(r"(?<!\w)(?:" + "|".join(groups) + r")(?![\w])", re.IGNORECASE)
 
         trig_forms: dict[str, list[str]] = {}
         for kind, phrases in _TRIGGERS.items():
@@ -216,7 +216,7 @@ class KnowledgeExtractor:
         self._trigger_re = re.compile(r"(?<![\w/])(?:" + trie_regex(trig_forms) + r")(?![\w])", re.IGNORECASE)
         # Terminators: words, plus ';' ':' and list separators (handled separately below).
         self._term_re = re.compile(
-            r";|:|(?<![\w])(?:" + "|".join(_phrase_regex(normalize_term(t)) for t in
+            r";|:|\(|\)|(?<![\w])(?:" + "|".join(_phrase_regex(normalize_term(t)) for t in
                                           sorted(_TERMINATORS, key=len, reverse=True)) + r")(?![\w])",
             re.IGNORECASE)
         self._sep_re = re.compile(r",|(?<![\w])(?:and|or|nor|with|as well as)(?![\w])", re.IGNORECASE)
