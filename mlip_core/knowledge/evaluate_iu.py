@@ -8,7 +8,8 @@ uncertain) mention of that entity; "normal" when it finds no positive/uncertain 
     python -m mlip_core.knowledge.evaluate_iu [--min-positives 30] [--limit N] [--positive-only]
 
 The last line printed is ``macro_f1=<value> findings=<n> reports=<n>``, the macro F1 over the findings
-with at least ``--min-positives`` gold positives.
+with at least ``--min-positives`` gold positives. The knowledge base's phrasings were refined by studying
+disagreements on these same reports, so this is agreement on development data, not a held-out estimate.
 """
 
 from __future__ import annotations
