@@ -277,3 +277,11 @@ def test_iu_evaluation_scores_against_mesh_terms():
     assert t.loc["pleural_effusion", "f1"] == pytest.approx(2 / 3)
     evaluated = t[t["evaluated"]]
     assert res.macro_f1 == pytest.approx(evaluated["f1"].mean())
+
+
+def test_extractor_survives_pickling_for_dataloader_workers(ex):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(ex))
+    text = "No effusion. Mild cardiomegaly."
+    assert again.mentions(text) == ex.mentions(text)
