@@ -166,6 +166,22 @@ def test_model_loss_is_invariant_to_batch_permutation(batch):
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
 
+def test_swap_branch_reuses_features_of_unaltered_reports_exactly(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0]).eval()
+    with torch.no_grad():
+        tokens = model.text_tower(batch["input_ids"], batch["attention_mask"]).tokens
+        fast = model.encode_swap_tokens(batch, batch["input_ids"], batch["attention_mask"], tokens)
+        full = model.text_tower(batch["swap_input_ids"], batch["swap_attention_mask"]).tokens
+    valid = batch["swap_attention_mask"].bool()
+    assert torch.allclose(fast[valid], full[valid], atol=1e-5)
+    # a row labelled unaltered whose text differs is still re-encoded
+    lying = dict(batch, swap_label=torch.zeros(4, dtype=torch.long))
+    with torch.no_grad():
+        again = model.encode_swap_tokens(lying, batch["input_ids"], batch["attention_mask"], tokens)
+    assert torch.allclose(again[valid], full[valid], atol=1e-5)
+
+
 def test_knowledge_fusion_changes_only_entity_tokens(batch):
     torch.manual_seed(0)
     model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0])

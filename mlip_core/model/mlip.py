@@ -62,10 +62,11 @@ class FusionHead(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor, patches: Tensor) -> Tensor:
-        """See class docstring."""
-        x = self.text_in(tokens)
-        memory = self.image_in(patches)
+    def forward(self, tokens: Tensor, attention_mask: Tensor, patches: Tensor, projected: bool = False) -> Tensor:
+        """See class docstring; with ``projected`` the inputs already went through text_in / image_in
+        (project B samples once, then index them into the 3B ITM pairs)."""
+        x = tokens if projected else self.text_in(tokens)
+        memory = patches if projected else self.image_in(patches)
         pad = ~attention_mask.bool()
         for layer in self.layers:
             x = layer(x, memory, tgt_key_padding_mask=pad)
@@ -206,11 +207,14 @@ class MLIP(nn.Module):
         if not self.config.loss.divergence:
             return
         m = self.config.model.momentum if momentum is None else momentum
-        for online, mom in self._momentum_pairs():
-            for p, pm in zip(online.parameters(), mom.parameters()):
-                pm.mul_(m).add_(p.detach(), alpha=1.0 - m)
-            for b, bm in zip(online.buffers(), mom.buffers()):
-                bm.copy_(b)
+        online, mom = [], []
+        for a, b in self._momentum_pairs():
+            online += [p.detach() for p in a.parameters()]
+            mom += list(b.parameters())
+            for buf, buf_m in zip(a.buffers(), b.buffers()):
+                buf_m.copy_(buf)
+        # p_m + (1-m)(p - p_m) = m p_m + (1-m) p, one multi-tensor kernel (as timm's ModelEmaV3)
+        torch._foreach_lerp_(mom, online, 1.0 - m)
 
     # -----------------------------------------------------------------------------------------
     def temperature(self) -> Tensor:
@@ -245,6 +249,26 @@ class MLIP(nn.Module):
                 raise KeyError("the mlip local loss with knowledge fusion needs batch['token_entity'] (B,L)")
             tokens = self.fuse_knowledge(tokens, token_entity)
         return F.normalize(self.text_local_proj(tokens), dim=-1), F.normalize(self.image_local_proj(patches), dim=-1)
+
+    def encode_swap_tokens(self, batch: dict[str, Tensor], ids: Tensor, mask: Tensor, tokens: Tensor) -> Tensor:
+        """Token features (B,L',Dt) of the swap reports. Rows whose swap text is the original report
+        (same ids) reuse the online tower's features instead of a second forward pass; only altered
+        reports are encoded (without gradient unless ``loss.swap_text_grad``)."""
+        s_ids, s_mask = batch["swap_input_ids"], batch["swap_attention_mask"]
+        B, Ls = s_ids.shape
+        n = min(Ls, ids.shape[1])
+        same = (s_mask[:, n:].sum(1) == 0) & (mask[:, n:].sum(1) == 0) & (s_mask[:, :n] == mask[:, :n]).all(1)
+        same &= ((s_ids[:, :n] == ids[:, :n]) | (s_mask[:, :n] == 0)).all(1)
+        out = tokens.new_zeros(B, Ls, tokens.shape[-1])
+        reuse = tokens[:, :n] if self.config.loss.swap_text_grad else tokens[:, :n].detach()
+        out[:, :n] = torch.where(same[:, None, None], reuse, out[:, :n])
+        todo = (~same).nonzero().squeeze(1)
+        if todo.numel():
+            grad = torch.enable_grad() if self.config.loss.swap_text_grad else torch.no_grad()
+            with grad:
+                enc = self.text_tower(s_ids[todo], s_mask[todo]).tokens
+            out = out.index_copy(0, todo, enc.to(out.dtype))
+        return out
 
     @torch.no_grad()
     def local_attention(self, batch: dict[str, Tensor]) -> Tensor:
@@ -305,10 +329,11 @@ class MLIP(nn.Module):
                 sim = img_g @ txt_g.T
                 exclude = same_finding_set(labels) if (lc.knowledge_negatives and labels is not None) else None
             neg_text, neg_image = mine_hard_negatives(sim, exclude)
-            tokens = torch.cat([txt.tokens, txt.tokens[neg_text], txt.tokens])
+            t_in, v_in = self.fusion.text_in(txt.tokens), self.fusion.image_in(img.patches)
+            tokens = torch.cat([t_in, t_in[neg_text], t_in])
             tmask = torch.cat([mask, mask[neg_text], mask])
-            patches = torch.cat([img.patches, img.patches, img.patches[neg_image]])
-            logits = self.itm_head(self.fusion(tokens, tmask, patches))
+            patches = torch.cat([v_in, v_in, v_in[neg_image]])
+            logits = self.itm_head(self.fusion(tokens, tmask, patches, projected=True))
             target = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
             itm = itm_loss(logits, target)
             terms["itm"] = (lc.weight_itm, itm.pop("loss"))
@@ -317,10 +342,8 @@ class MLIP(nn.Module):
         if lc.swap:
             if "swap_input_ids" not in batch:
                 raise KeyError("config has loss.swap on but the batch has no swap_input_ids; use PretrainCollator")
-            grad = torch.enable_grad() if lc.swap_text_grad else torch.no_grad()
-            with grad:
-                s = self.text_tower(batch["swap_input_ids"], batch["swap_attention_mask"])
-            logit = self.swap_head(self.fusion(s.tokens, batch["swap_attention_mask"], img.patches)).squeeze(-1)
+            swap_tokens = self.encode_swap_tokens(batch, ids, mask, txt.tokens)
+            logit = self.swap_head(self.fusion(swap_tokens, batch["swap_attention_mask"], img.patches)).squeeze(-1)
             sw = swap_loss(logit, batch["swap_label"])
             terms["swap"] = (lc.weight_swap, sw.pop("loss"))
             out["swap_acc"] = sw["acc"]
