@@ -103,7 +103,7 @@ _LIST_MAX_WORDS = 4
 _SIDE_WORDS = {
     "left": "left", "right": "right", "bilateral": "bilateral", "bilaterally": "bilateral", "both": "bilateral",
     "bibasilar": "bilateral", "bibasal": "bilateral", "biapical": "bilateral", "left-sided": "left",
-    "right-sided": "right", "bibasalar": "bilateral",
+    "right-sided": "right",
 }
 
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])(?<!\b[Dd]r\.)(?<!\bvs\.)(?<!\bNo\.)\s+)|\n\s*\n|(?:\s+-\s+|\s*\n\s*)(?=\d+\.\s)")
