@@ -512,10 +512,10 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write ``step_*.pt`` (main process; others wait)."""
-        path = None
+        path = self.ckpt_dir / f"step_{self.step:08d}.pt"
         if self.dist.is_main:
             path = ckpt_lib.save_step_checkpoint(self.state_dict(), self.ckpt_dir, self.step, self.tc.keep_last)
-            self.last_checkpoint = path
+        self.last_checkpoint = path  # on every rank: they all decide alike whether a final save is due
         self._barrier()
         return path
 
