@@ -624,10 +624,12 @@ class Trainer:
                         self.metrics.write(record)
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                    if tc.checkpoint_every > 0 and self.step % tc.checkpoint_every == 0:
+                    if tc.checkpoint_every > 0 and self.step % tc.checkpoint_every == 0 \
+                            and self.batch_in_epoch < self.micro_per_epoch:  # the epoch end saves anyway
                         self.save()
                 del it, loader
-                if self.batch_in_epoch >= self.micro_per_epoch:  # a full epoch: validate, then move on
+                if self.batch_in_epoch >= self.micro_per_epoch:  # a full epoch: summarise, validate, move on
+                    self._epoch_record()
                     if tc.val_every > 0 and (self.epoch + 1) % tc.val_every == 0:
                         self._validate_and_track()
                         did_val_at = self.step
@@ -651,6 +653,22 @@ class Trainer:
             checkpoint_path=self.last_checkpoint, best_checkpoint_path=best if best.exists() else None,
             export_path=export, run_dir=self.run_dir, steps=self.step, resumed_from=self.resumed_from,
         )
+
+    def _epoch_record(self) -> None:
+        """One ``kind: epoch`` record: mean of each step term over the epoch, pairs/s, time (from the step
+        records, so an epoch interrupted and resumed is summarised whole)."""
+        if not self.dist.is_main:
+            return
+        recs = [r for r in read_metrics(self.run_dir, "step") if r.get("epoch") == self.epoch]
+        if not recs:
+            return
+        keys = [k for k in recs[0] if k == "loss" or k.startswith("loss_") or k == "grad_norm"]
+        seconds = sum(r.get("time_s", 0.0) for r in recs)
+        images = sum(r.get("images_per_s", 0.0) * r.get("time_s", 0.0) for r in recs)
+        self.metrics.write({"kind": "epoch", "step": self.step, "epoch": self.epoch, "steps_logged": len(recs),
+                            **{k: float(np.mean([r[k] for r in recs if k in r])) for k in keys},
+                            "lr_last": recs[-1]["lr"], "images_per_s": images / max(seconds, 1e-9),
+                            "time_s": seconds, **_memory_mb(self.device)})
 
     def _micro_step(self, batch: dict[str, Any], last_micro: bool, accum: dict[str, float]) -> None:
         """Forward + backward of one micro-batch; gradients sync over ranks only on the last one."""

@@ -122,7 +122,10 @@ def test_metrics_jsonl_logs_each_term_lr_throughput_memory_and_validation(tmp_pa
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["kind"] == "step"]
     vals = [r for r in recs if r["kind"] == "val"]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
     assert len(steps) == 12 and len(vals) == 2 and [v["epoch"] for v in vals] == [0, 1]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert epochs[0]["loss"] == pytest.approx(sum(r["loss"] for r in steps[:6]) / 6)
     for key in ("loss", "loss_global", "loss_soft", "loss_proto", "lr", "images_per_s", "mem_mb"):
         assert all(key in r for r in steps), key
     assert steps[0]["lr"] < steps[1]["lr"]  # warm-up
