@@ -26,11 +26,13 @@ from mlip_core.model.mlip import MLIP
 from mlip_core.repro import seed_everything
 from mlip_core.train import Trainer, init_distributed, read_metrics
 
-# name: (image tower, image size, text tower, text hidden, text layers, heads, max_length)
+# name: (image tower, image size, text tower, text hidden, text layers, heads, max_length, frozen text layers)
+# "ci" is the 05_pretraining chapter's ci profile.
 SIZES = {
-    "smoke": ("resnet18", 32, "tiny", 32, 2, 2, 32),
-    "ci": ("resnet18", 128, "minilm", 384, 6, 12, 64),
-    "gpu": ("resnet50", 224, "tiny", 768, 12, 12, 128),  # "tiny" sized as BERT-base: random init, offline
+    "smoke": ("resnet18", 32, "tiny", 32, 2, 2, 32, 0),
+    "ci": ("resnet18", 64, "minilm", 384, 6, 12, 48, 4),
+    "ci128": ("resnet18", 128, "minilm", 384, 6, 12, 64, 0),
+    "gpu": ("resnet50", 224, "tiny", 768, 12, 12, 128, 0),  # "tiny" sized as BERT-base: random init, offline
 }
 NUM_ENTITIES = 77
 
@@ -65,11 +67,12 @@ def stack(items: list[dict]) -> dict:
 def bench(config: str, size: str, batch: int, steps: int, precision: str, device: str,
           channels_last: bool, compile_: bool) -> dict:
     """One row: run the trainer for ``steps`` steps and read its throughput and memory."""
-    tower, px, text, hidden, layers, heads, length = SIZES[size]
+    tower, px, text, hidden, layers, heads, length, frozen = SIZES[size]
     cfg = named_config(config)
     cfg.model.image.name, cfg.model.image.image_size = tower, px
     cfg.model.text.name, cfg.model.text.max_length = text, length
     cfg.model.text.tiny_hidden_size, cfg.model.text.tiny_layers, cfg.model.text.tiny_heads = hidden, layers, heads
+    cfg.model.text.freeze_layers = frozen
     tc = cfg.train
     tc.batch_size, tc.max_steps, tc.precision, tc.device = batch, steps, precision, device
     tc.channels_last, tc.compile, tc.progress, tc.val_every, tc.warmup_steps = channels_last, compile_, False, 0, 1
@@ -88,7 +91,7 @@ def bench(config: str, size: str, batch: int, steps: int, precision: str, device
         recs = read_metrics(tmp, "step")
     rates = [r["images_per_s"] for r in recs[2:]] or [r["images_per_s"] for r in recs]
     mem = (torch.cuda.max_memory_allocated() / 2**30) if info.device.type == "cuda" else max(r["mem_mb"] for r in recs) / 1024
-    return {"config": config, "size": size, "model": f"{tower}@{px} + {text}({hidden}x{layers}) L={length}",
+    return {"config": config, "size": size, "model": f"{tower}@{px} + {text}({hidden}x{layers}{f', {frozen} frozen' if frozen else ''}) L={length}",
             "batch": batch, "precision": "fp32" if info.device.type == "cpu" else precision,
             "pairs_s": statistics.median(rates), "peak_gib": mem, "wall_s": wall,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -115,11 +118,11 @@ def main() -> None:
             for s in sizes for c in args.configs.split(",")]
     where = torch.cuda.get_device_name(0) if args.gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"\ntraining throughput on {where} (torch {torch.__version__}); median of steps 3..{steps}\n")
-    head = f"{'config':<9} {'model':<44} {'batch':>5} {'prec':>5} {'params M':>8} {'pairs/s':>8} {'peak GiB':>8} {'wall s':>7}"
+    head = f"{'config':<9} {'model':<52} {'batch':>5} {'prec':>5} {'params M':>8} {'pairs/s':>8} {'peak GiB':>8} {'wall s':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['config']:<9} {r['model']:<44} {r['batch']:>5} {r['precision']:>5} {r['params_m']:>8.1f} "
+        print(f"{r['config']:<9} {r['model']:<52} {r['batch']:>5} {r['precision']:>5} {r['params_m']:>8.1f} "
               f"{r['pairs_s']:>8.1f} {r['peak_gib']:>8.2f} {r['wall_s']:>7.1f}")
 
 

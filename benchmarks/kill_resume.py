@@ -3,9 +3,10 @@
     python benchmarks/kill_resume.py                      # real MLIP (tiny towers) on a small offline world
     python benchmarks/kill_resume.py --toy --kills 10     # the toy model of tests/ (seconds per run)
 
-Each interrupted attempt is started with ``--resume auto`` and killed with SIGKILL after a random delay
-(uniform in [--min-delay, --max-delay] seconds after the process starts, so kills land during start-up,
-steps, validation and checkpoint writes). When all kills are spent, the run is resumed to the end. The
+Each interrupted attempt is started with ``--resume auto`` and killed with SIGKILL once its metrics log
+reaches a random target step, after a further random delay of up to one step (so kills land inside
+forward/backward, logging, validation and checkpoint writes). When all kills are spent, the run is resumed
+to the end. The
 script then checks that the final weights are bitwise equal to those of an uninterrupted run with the same
 seed and config, that the per-step loss history is identical, and prints a table.
 """
@@ -60,8 +61,6 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=None, help="offline world (written to a temp dir if absent)")
     p.add_argument("--studies", type=int, default=24)
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--min-delay", type=float, default=None)
-    p.add_argument("--max-delay", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args()
@@ -88,25 +87,33 @@ def main() -> int:
         return 1
     full_time = time.perf_counter() - t0
     startup = startup or 0.5 * full_time
-    # Kills spread so that every attempt makes some progress and all of them land before the end.
-    lo = args.min_delay if args.min_delay is not None else 0.5 * startup
-    hi = args.max_delay if args.max_delay is not None else startup + 1.5 * (full_time - startup) / args.kills
 
+    # Kill points: a random target step per attempt (non-decreasing, so every attempt makes progress), then a
+    # random extra delay of up to one step, so kills land inside forward/backward, logging and checkpoint writes.
+    total = len(step_losses(work / "full"))
+    step_time = (full_time - startup) / max(total, 1)
+    targets = sorted(rng.randint(1, max(1, total - 1)) for _ in range(args.kills))
     rows = []
     cut = work / "cut"
-    for k in range(args.kills):
-        delay = rng.uniform(lo, hi)
+    for k, target in enumerate(targets):
+        extra = rng.uniform(0.0, step_time)
         proc = subprocess.Popen(command(args, cut, resume=True), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=delay)
-            outcome = f"finished before kill (rc {proc.returncode})"
-        except subprocess.TimeoutExpired:
+        while proc.poll() is None:
+            done_steps = [s for s, _ in step_losses(cut)] if (cut / "metrics.jsonl").exists() else []
+            if done_steps and done_steps[-1] >= target:
+                break
+            time.sleep(0.02)
+        time.sleep(extra)
+        if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             outcome = "SIGKILL"
+        else:
+            outcome = f"finished before kill (rc {proc.returncode})"
         ckpts = sorted((cut / "checkpoints").glob("step_*.pt")) if (cut / "checkpoints").exists() else []
-        rows.append((k + 1, f"{delay:.2f}", outcome, ckpts[-1].name if ckpts else "-"))
+        logged = step_losses(cut)[-1][0] if (cut / "metrics.jsonl").exists() and step_losses(cut) else 0
+        rows.append((k + 1, f"step {target} +{extra:.2f}s", outcome, logged, ckpts[-1].name if ckpts else "-"))
     done = subprocess.run(command(args, cut, resume=True), env=env, capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stderr[-3000:])
@@ -116,10 +123,11 @@ def main() -> int:
     same_keys = wf.keys() == wc.keys()
     unequal = [k for k in wf if not torch.equal(wf[k], wc.get(k, torch.empty(0)))]
     hist_equal = step_losses(work / "full") == step_losses(cut)
-    print(f"\nuninterrupted run: {full_time:.1f} s; kills at uniform({lo:.2f}, {hi:.2f}) s after start\n")
-    print(f"{'attempt':>7}  {'delay s':>7}  {'outcome':<32}  newest checkpoint after")
+    print(f"\nuninterrupted run: {full_time:.1f} s ({total} steps, start-up {startup:.1f} s); each attempt is killed "
+          "once its log reaches the target step, after a random extra delay of up to one step\n")
+    print(f"{'attempt':>7}  {'kill point':<16}  {'outcome':<30}  {'last logged step':>16}  newest checkpoint after")
     for r in rows:
-        print(f"{r[0]:>7}  {r[1]:>7}  {r[2]:<32}  {r[3]}")
+        print(f"{r[0]:>7}  {r[1]:<16}  {r[2]:<30}  {r[3]:>16}  {r[4]}")
     print(f"\nkills: {sum(r[2] == 'SIGKILL' for r in rows)} of {len(rows)} attempts")
     print(f"final weights bitwise equal: {same_keys and not unequal} ({len(wf)} tensors"
           + (f", differing: {unequal[:5]}" if unequal else "") + ")")
