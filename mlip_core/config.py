@@ -61,7 +61,8 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 128  # the shared space d of the global and local heads
-    proj_hidden_dim: int = 512  # hidden width of the 2-layer projection MLPs
+    proj_hidden_dim: int = 512  # hidden width of the 2-layer global projection MLPs
+    local_proj_hidden_dim: int = 256  # ... of the local (per token / per patch) ones: they run B*(L+P) times
     init_temperature: float = 0.07  # open_clip / CLIP: logit_scale = log(1 / 0.07), learnable
     learn_temperature: bool = True
     max_logit_scale: float = 100.0

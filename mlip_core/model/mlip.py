@@ -121,8 +121,8 @@ class MLIP(nn.Module):
         self.global_loss = GlobalContrastiveLoss(lc.soft_alpha if lc.divergence else 0.0, lc.knowledge_negatives)
 
         if lc.local != "none":
-            self.image_local_proj = ProjectionHead(self.image_tower.patch_dim, mc.proj_hidden_dim, d)
-            self.text_local_proj = ProjectionHead(self.text_tower.hidden_dim, mc.proj_hidden_dim, d)
+            self.image_local_proj = ProjectionHead(self.image_tower.patch_dim, mc.local_proj_hidden_dim, d)
+            self.text_local_proj = ProjectionHead(self.text_tower.hidden_dim, mc.local_proj_hidden_dim, d)
             if lc.local == "gloria":
                 self.local_loss = GloriaLocalLoss(lc.gloria_temp1, lc.gloria_temp2, lc.gloria_temp3)
             else:
@@ -238,7 +238,8 @@ class MLIP(nn.Module):
         """(B,L,Dt) token features + (B,L) entity index (-1 none) -> tokens with their entity's projected
         knowledge embedding added (tokens without an entity unchanged)."""
         has = token_entity >= 0
-        know = self.knowledge_proj(self.entity_embeddings[token_entity.clamp_min(0)])  # (B, L, Dt)
+        table = self.knowledge_proj(self.entity_embeddings)  # (E, Dt): project E rows, not B*L tokens
+        know = table[token_entity.clamp_min(0)]  # (B, L, Dt)
         return tokens + know * has.unsqueeze(-1).to(tokens.dtype)
 
     def local_features(self, tokens: Tensor, token_entity: Tensor | None, patches: Tensor) -> tuple[Tensor, Tensor]:
