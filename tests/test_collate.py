@@ -111,6 +111,15 @@ def test_swap_is_reproducible_from_a_seeded_generator(tokenizer, extractor):
     assert torch.equal(a["swap_input_ids"], b["swap_input_ids"]) and torch.equal(a["swap_label"], b["swap_label"])
 
 
+def test_collator_pickles_for_dataloader_workers_with_its_generator_state(tokenizer, extractor):
+    import pickle
+
+    c = PretrainCollator(tokenizer, extractor, 64, 0.5, generator=torch.Generator().manual_seed(3))
+    clone = pickle.loads(pickle.dumps(c))
+    a, b = c(items(REPORTS * 3)), clone(items(REPORTS * 3))
+    assert torch.equal(a["swap_input_ids"], b["swap_input_ids"]) and torch.equal(a["swap_label"], b["swap_label"])
+
+
 def test_nothing_to_swap_is_label_zero_and_counted(tokenizer, extractor):
     collate = PretrainCollator(tokenizer, extractor, 64, swap_prob=1.0)
     batch = collate(items(["", "No pneumothorax.", "Heart size is normal."]))

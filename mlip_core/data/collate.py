@@ -63,6 +63,21 @@ class PretrainCollator:
         self.generator = generator
         self.stats = {"reports": 0, "swapped": 0, "swap_drawn_but_no_candidate": 0}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers pickle the collator; a torch.Generator does not pickle, its state does.
+        state = dict(self.__dict__)
+        gen = state.pop("generator")
+        state["_generator_state"] = None if gen is None else gen.get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        gen_state = state.pop("_generator_state")
+        self.__dict__.update(state)
+        self.generator = None
+        if gen_state is not None:
+            self.generator = torch.Generator()
+            self.generator.set_state(gen_state)
+
     # -----------------------------------------------------------------------------------------
     def _rand(self) -> float:
         return float(torch.rand((), generator=self.generator))
