@@ -531,7 +531,13 @@ class Trainer:
         else:
             path, state = Path(resume), ckpt_lib.load_checkpoint(resume)
         self._check_config(state.get("config", {}), path)
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ckpt_lib.CheckpointError(
+                f"checkpoint {path} does not fit this model/optimizer ({str(exc)[:300]}); it was written by code "
+                f"version {state.get('code_version')}, now {ckpt_lib.code_version()}: resume with that code or "
+                "start a new --out folder") from exc
         self.metrics.truncate_after(self.step, self.epoch)
         self.resumed_from = path
         self.last_checkpoint = path

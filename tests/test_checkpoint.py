@@ -113,3 +113,9 @@ def test_trainer_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path):
     assert result.resumed_from.name == "step_00000004.pt"
     assert result.steps == 6
     assert [r["step"] for r in result.history] == [1, 2, 3, 4, 5, 6]  # no duplicated records after resume
+
+
+def test_resuming_a_checkpoint_of_another_architecture_names_the_file(tmp_path):
+    run(str(tmp_path), max_steps=2, epochs=1)
+    with pytest.raises(ck.CheckpointError, match=r"step_00000002.pt does not fit this model"):
+        run(str(tmp_path), resume="auto", max_steps=4, epochs=1, norm="group")  # GroupNorm: other state keys
