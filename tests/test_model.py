@@ -133,6 +133,8 @@ def test_momentum_encoder_gets_no_gradient_and_moves_by_the_ema_rule(batch):
     model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0, 1])
     momentum = dict(model.image_tower_m.named_parameters())
     assert all(not p.requires_grad for p in momentum.values())
+    model.train()
+    assert model.image_tower.training and not model.image_tower_m.training and not model.text_tower_m.training
     # identical to the online towers at the start
     for (n, p), pm in zip(model.image_tower.named_parameters(), momentum.values()):
         assert torch.equal(p, pm), n

@@ -153,6 +153,7 @@ class MLIP(nn.Module):
             self.text_proj_m = copy.deepcopy(self.text_proj)
             for module in self._momentum_modules():
                 module.requires_grad_(False)
+                module.eval()
 
     # -----------------------------------------------------------------------------------------
     @staticmethod
@@ -191,6 +192,16 @@ class MLIP(nn.Module):
         if not parts:
             raise ValueError("loss.category needs prototypes: knowledge_prototypes or num_free_prototypes > 0")
         return torch.cat(parts)
+
+    def train(self, mode: bool = True) -> MLIP:
+        """Online parts follow ``mode``; the divergence encoder always runs in eval mode: no dropout, and
+        BatchNorm with the running statistics copied from the online towers, so its targets are a
+        deterministic function of the EMA weights (and the forward costs ~30% less on CPU)."""
+        super().train(mode)
+        if self.config.loss.divergence:
+            for module in self._momentum_modules():
+                module.eval()
+        return self
 
     def _momentum_modules(self) -> list[nn.Module]:
         return [self.image_tower_m, self.text_tower_m, self.image_proj_m, self.text_proj_m]
