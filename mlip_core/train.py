@@ -382,6 +382,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _logged(key: str) -> bool:
+    """Model outputs that go to the metrics log: the loss terms and scalar diagnostics (temperature, accuracies)."""
+    return key == "loss" or key.startswith("loss_") or key == "temperature" or key.endswith("_acc")
+
+
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
     """Tensors of a batch to ``device`` (images optionally channels_last); other values unchanged."""
     out = {}
@@ -696,7 +701,7 @@ class Trainer:
             self.scaler.scale(loss / self.tc.grad_accum_steps).backward()
         n = self.tc.grad_accum_steps
         for k, v in out.items():
-            if (k == "loss" or k.startswith("loss_")) and torch.is_tensor(v) and v.numel() == 1:
+            if _logged(k) and torch.is_tensor(v) and v.numel() == 1:
                 accum[k] = accum.get(k, 0.0) + float(v.detach()) / n
         accum["_images"] = accum.get("_images", 0.0) + batch["image"].shape[0] * self.dist.world_size
 
@@ -760,7 +765,7 @@ class Trainer:
                 te = model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)
             b = batch["image"].shape[0]
             for k, v in out.items():
-                if (k == "loss" or k.startswith("loss_")) and torch.is_tensor(v) and v.numel() == 1:
+                if _logged(k) and torch.is_tensor(v) and v.numel() == 1:
                     sums[k] = sums.get(k, 0.0) + float(v) * b
             count += b
             img.append(ie.float().cpu()), txt.append(te.float().cpu())
