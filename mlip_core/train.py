@@ -710,8 +710,9 @@ class Trainer:
         tc = self.tc
         self.scaler.unscale_(self.optimizer)
         self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # the lr this step uses
-        if tc.clip_grad_norm > 0:
-            self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), tc.clip_grad_norm))
+        # The total gradient norm is logged whether or not it is clipped (inf = measure only).
+        max_norm = tc.clip_grad_norm if tc.clip_grad_norm > 0 else float("inf")
+        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
