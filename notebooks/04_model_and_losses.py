@@ -205,11 +205,10 @@ plt.show()
 landscape.pivot(index="shuffled", columns="term", values="loss").round(3)
 
 # %% [markdown]
-# The terms that contrast across the batch (global InfoNCE, GLoRIA's word-region score, the swapped
-# prototype prediction) rise steadily with the fraction of mis-paired samples. The token-patch loss is
-# a within-pair loss — each token against the contexts of its own report's other tokens — so it jumps
-# as soon as attention lands on an unrelated image and then stays flat: it measures *how* a report is
-# grounded in its image, while the global term decides *which* image.
+# All four terms are lowest when every pair is aligned and rise as pairs are mis-paired. The
+# token-patch loss moves over a narrow range: it is a within-pair loss — each token against the
+# contexts of its own report's other tokens — so it measures *how* a report is grounded in its image,
+# while the global and GLoRIA terms, which contrast across the batch, decide *which* image.
 #
 # ## Soft targets and the knowledge guard
 #
@@ -225,28 +224,42 @@ landscape.pivot(index="shuffled", columns="term", values="loss").round(3)
 with torch.no_grad():
     z = F.normalize(model.text_tower_m(batch["input_ids"], batch["attention_mask"]).sentence, dim=-1)
 a = cfg.loss.soft_alpha
-targets = (1 - a) * torch.eye(len(reports)) + a * (z @ z.T / 0.07).softmax(1).cpu()
-guard = same_finding_set(batch["labels"].cpu()) & ~torch.eye(len(reports), dtype=torch.bool)
-short = [r if len(r) < 38 else r[:35] + "…" for r in reports]
-fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-sns.heatmap(targets.numpy(), ax=axes[0], cmap="viridis", xticklabels=short, yticklabels=short, vmin=0, vmax=1)
-axes[0].set_title(f"soft targets (a = {a}) from a momentum text encoder ({text_tower})")
+n = len(reports)
+eye = torch.eye(n, dtype=torch.bool)
+targets = (1 - a) * eye.float() + a * (z @ z.T / 0.07).softmax(1).cpu()
+guard = same_finding_set(batch["labels"].cpu()) & ~eye
+short = [f"{i}: {r[:28]}…" if len(r) > 28 else f"{i}: {r}" for i, r in enumerate(reports)]
+fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+sns.heatmap(targets.masked_fill(eye, float("nan")).numpy(), ax=axes[0], cmap="viridis", annot=True, fmt=".2f",
+            xticklabels=[str(i) for i in range(n)], yticklabels=short, cbar_kws={"label": "target probability"})
+axes[0].set_title(f"off-diagonal soft-target mass (a = {a}; diagonal = {1 - a} + a·self)\nmomentum text encoder: {text_tower}")
 axes[0].set_xlabel("report j")
-axes[0].set_ylabel("image i")
-sns.heatmap(guard.float().numpy(), ax=axes[1], cmap="Reds", xticklabels=short, yticklabels=False, vmin=0, vmax=1, cbar=False)
+axes[0].set_ylabel("image i (stand-in: its own report)")
+sns.heatmap(guard.float().numpy(), ax=axes[1], cmap="Reds", xticklabels=[str(i) for i in range(n)], yticklabels=short,
+            vmin=0, vmax=1, cbar=False, linewidths=0.5, linecolor="white")
 axes[1].set_title("knowledge guard: same positive finding set -> not a negative")
 axes[1].set_xlabel("report j")
 plt.show()
 print(f"{int(guard.sum())} of {guard.numel() - len(reports)} off-diagonal pairs guarded")
 
 # %% [markdown]
-# With the random `tiny` text tower (the smoke profile) the soft targets are nearly uniform off the
-# diagonal; with the pretrained MiniLM (`text_tower = "minilm"`, the ci profile) the "No acute
-# cardiopulmonary abnormality" variants visibly share target mass. That is the mechanism that stops
-# the ~35% of near-identical normal IU reports from acting as hard negatives of each other.
+# Read the left panel with care. Because the stand-in image *is* its report, every row's own report
+# wins by far at $\tau = 0.07$ and the off-diagonal mass is small (with the random `tiny` tower of
+# the smoke profile it is also spread at random). With the pretrained MiniLM (ci profile) it lands on
+# reports that *read* alike: the two "No acute cardiopulmonary abnormality" reports — but also the
+# cardiomegaly-with-"no pneumothorax" report and the pneumothorax report, which share words while
+# stating opposite findings. Text similarity alone cannot tell these apart; the knowledge guard on
+# the right, built from extracted findings, pairs exactly the reports that state the same findings.
+# That is why MLIP uses both: the divergence encoder softens targets by learned similarity, the
+# knowledge guard removes negatives by what the reports actually say.
 #
 # ## What the terms cost
 #
 # `python benchmarks/bench_losses.py` times each term and a whole training step of `convirt` against
-# `mlip` with identical towers and batch; the divergence encoder adds one forward pass of both towers
-# without gradient, the swap task one text forward, and the fusion head attends over 3B pairs for ITM.
+# `mlip` with identical towers and batch (and counts the arithmetic of each). The divergence encoder
+# adds one forward pass of both towers, without gradient and in eval mode; the swap task re-encodes
+# only the reports that were altered (an unaltered swap text *is* the report, whose features the
+# online tower already computed); the small fusion head attends over 3B image–report pairs for ITM
+# (positives, a hard-negative report per image, a hard-negative image per report) and B for swap.
+# The token-level local loss is a handful of batched matrix products, checked against a per-sample
+# loop of the same formula.

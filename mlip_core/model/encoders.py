@@ -9,6 +9,7 @@ attention_mask (B,L))``. Nothing downloads unless the config asks for it (``pret
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +189,23 @@ def build_tokenizer(cfg: TextTowerConfig):
     return AutoTokenizer.from_pretrained(text_source(cfg), local_files_only=not cfg.allow_download)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' info/warning logs and weight-loading progress bar for one block."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class TextTower(nn.Module):
     """A transformers encoder returning sentence vector, token features and mask; see :class:`TextFeatures`."""
 
@@ -212,7 +230,8 @@ class TextTower(nn.Module):
             source = text_source(cfg)
             local = not cfg.allow_download
             if cfg.pretrained:
-                self.encoder = AutoModel.from_pretrained(source, local_files_only=local, add_pooling_layer=False)
+                with _quiet_transformers():  # its load report lists the unused pooler: expected, not news
+                    self.encoder = AutoModel.from_pretrained(source, local_files_only=local, add_pooling_layer=False)
             else:
                 config = AutoConfig.from_pretrained(source, local_files_only=local)
                 self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
