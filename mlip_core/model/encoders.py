@@ -127,12 +127,11 @@ class ImageTower(nn.Module):
         kwargs: dict = {"in_chans": 1, "num_classes": 0, "pretrained": cfg.pretrained == "hub"}
         if cfg.drop_path_rate:
             kwargs["drop_path_rate"] = cfg.drop_path_rate
-        probe = timm.create_model(cfg.name, pretrained=False, num_classes=0, in_chans=1)
-        self.is_vit = hasattr(probe, "patch_embed") and hasattr(probe, "num_prefix_tokens")
-        del probe
-        if self.is_vit:
-            kwargs["img_size"] = cfg.image_size
-        self.backbone = timm.create_model(cfg.name, **kwargs)
+        try:  # ViTs take the input size (position embeddings are resized); CNNs reject the argument
+            self.backbone = timm.create_model(cfg.name, img_size=cfg.image_size, **kwargs)
+        except TypeError:
+            self.backbone = timm.create_model(cfg.name, **kwargs)
+        self.is_vit = hasattr(self.backbone, "patch_embed") and hasattr(self.backbone, "num_prefix_tokens")
         if cfg.pretrained and cfg.pretrained != "hub":
             path = efficientnet_lite0_package_path() if cfg.pretrained == EFFICIENTNET_LITE0_PACKAGE else cfg.pretrained
             self.missing_keys = load_local_weights(self.backbone, path)
