@@ -22,6 +22,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from mlip_core.knowledge.graph import CHEXPERT_14  # also the column order of mimic-cxr-2.0.0-chexpert.csv
+
 from .cache import ImageCache
 from .images import load_uint8
 from .reports import choose_text, parse_sections
@@ -37,12 +39,6 @@ __all__ = [
     "report_path",
 ]
 
-# Column order of mimic-cxr-2.0.0-chexpert.csv (also the order of the `labels` tensor).
-CHEXPERT_14: list[str] = [
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-    "Pneumothorax", "Support Devices",
-]  # fmt: skip
 LABEL_VALUES = {1.0, 0.0, -1.0}
 SPLITS = ("train", "validate", "test")
 _SPLIT_ALIASES = {"val": "validate", "valid": "validate", "validation": "validate"}

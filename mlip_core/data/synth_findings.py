@@ -7,16 +7,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlip_core.data.iu import parse_mesh_term
+from mlip_core.knowledge.graph import CHEXPERT_14
 
 __all__ = ["Finding", "CHEXPERT_COLUMNS", "FINDING_TO_CHEXPERT", "RENDERED_FINDINGS", "DEVICE_KINDS",
            "findings_from_mesh", "chexpert_row"]
 
 # The 14 CheXpert observations, in the column order of mimic-cxr-2.0.0-chexpert.csv.
-CHEXPERT_COLUMNS: list[str] = [
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-    "Pneumothorax", "Support Devices",
-]
+CHEXPERT_COLUMNS: list[str] = list(CHEXPERT_14)
 
 # Renderer finding -> CheXpert column (None: drawn and recorded, but not one of the 14 observations).
 FINDING_TO_CHEXPERT: dict[str, str | None] = {

