@@ -248,6 +248,7 @@ class TrainConfig:
     batch_size: int = 32  # global batch of one forward pass, split over DDP ranks
     grad_accum_steps: int = 1  # micro-batches per optimizer step (each micro-batch is its own contrastive batch)
     lr: float = 1e-4
+    tower_lr_scale: float = 1.0  # lr of the image/text tower parameters = lr * this (pretrained towers: < 1)
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     warmup_ratio: float = 0.05

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 # Parameter names (substrings) that never get weight decay, beyond every 0-/1-d tensor (biases, norms).
 NO_DECAY_NAME_PARTS = ("logit_scale", "temperature", "prototype", "bias", "norm", "position_embedding")
+TOWER_PREFIXES = ("image_tower", "text_tower")  # MLIP's tower modules (the momentum copies are frozen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,22 +107,31 @@ def init_distributed(device: str = "auto") -> DistInfo:
 # Optimizer and schedule
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 tower_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """AdamW groups: decay on weight matrices/kernels; none on biases, norms, temperatures, prototypes.
 
-    Frozen parameters (``requires_grad=False``, e.g. the divergence encoder) are left out.
+    Frozen parameters (``requires_grad=False``, e.g. the divergence encoder) are left out. With
+    ``tower_lr_scale != 1`` the parameters of the two towers (``image_tower.*``, ``text_tower.*``) get their
+    own groups at ``lr * tower_lr_scale``: pretrained towers learn slower than the freshly initialised heads.
     """
-    decay, no_decay = [], []
+    split = tower_lr_scale != 1.0
+    buckets: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "tower_decay": [], "tower_no_decay": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lname = name.lower()
-        if p.ndim <= 1 or any(part in lname for part in NO_DECAY_NAME_PARTS):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        key = "no_decay" if p.ndim <= 1 or any(part in lname for part in NO_DECAY_NAME_PARTS) else "decay"
+        if split and name.split(".")[0] in TOWER_PREFIXES:
+            key = "tower_" + key
+        buckets[key].append(p)
+    groups = []
+    for key, params in buckets.items():
+        group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay,
+                                 "name": key}
+        if lr is not None:
+            group["lr"] = lr * (tower_lr_scale if key.startswith("tower_") else 1.0)
+        groups.append(group)
     return [g for g in groups if g["params"]]
 
 
@@ -146,7 +156,7 @@ class _CosineFactor:
 
 def build_optimizer(model: nn.Module, tc: Any, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over :func:`param_groups` and a warm-up + cosine ``LambdaLR`` stepped once per optimizer step."""
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, getattr(tc, "tower_lr_scale", 1.0)), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
     warmup = tc.warmup_steps if tc.warmup_steps > 0 else int(round(tc.warmup_ratio * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _CosineFactor(total_steps, warmup, tc.min_lr_ratio))
     return opt, sched

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlip_core.config import TrainConfig
 from mlip_core.train import (
     ResumableSampler,
+    build_optimizer,
     cosine_lr_factor,
     load_image_tower_export,
     param_groups,
@@ -48,6 +50,24 @@ def test_weight_decay_skips_biases_norms_temperature_prototypes_and_frozen_momen
     assert {"logit_scale", "prototypes", "image_tower.1.weight", "image_tower.1.bias", "text_proj.bias"} <= plain
     assert not any(n.startswith("m_image") for n in decayed | plain)
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.05
+
+
+def test_tower_lr_scale_gives_tower_parameters_their_own_lr_and_scale_one_keeps_two_groups():
+    model = ToyCLIP()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["name"] for g in param_groups(model, 0.05, lr=1e-3)] == ["decay", "no_decay"]
+    groups = {g["name"]: g for g in param_groups(model, 0.05, lr=1e-3, tower_lr_scale=0.1)}
+    towers = {names[id(p)] for k in ("tower_decay", "tower_no_decay") for p in groups[k]["params"]}
+    heads = {names[id(p)] for k in ("decay", "no_decay") for p in groups[k]["params"]}
+    assert towers == {"image_tower.0.weight", "image_tower.0.bias", "image_tower.1.weight", "image_tower.1.bias"}
+    assert "image_proj.weight" in heads and not towers & heads
+    assert groups["tower_decay"]["lr"] == pytest.approx(1e-4) and groups["decay"]["lr"] == pytest.approx(1e-3)
+    assert groups["tower_no_decay"]["weight_decay"] == 0.0 and groups["tower_decay"]["weight_decay"] == 0.05
+    # The schedule scales every group from its own base lr.
+    tc = TrainConfig(lr=1e-3, tower_lr_scale=0.1, warmup_steps=2)
+    opt, sched = build_optimizer(model, tc, total_steps=10)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["tower_decay"] == pytest.approx(0.1 * lrs["decay"]) and lrs["decay"] == pytest.approx(5e-4)
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_min_ratio():
