@@ -267,7 +267,7 @@ def encoder_features(encoder: Encoder, paths: Sequence[str], cache_root: Path | 
     record = {"encoder": encoder.name, "image size": encoder.image_size, "feature dim": feats.shape[1],
               "images": int(valid.sum()), "undecodable": int((~valid).sum()), "image cache s": round(cache_s, 1),
               "feature s": round(seconds, 1), "from cache": not computed,
-              "images/s": round(valid.sum() / seconds, 1) if computed and seconds > 0 else np.nan}
+              "images/s": round(valid.sum() / seconds, 1) if computed and seconds > 0 and encoder.kind != "raw" else np.nan}
     return feats, valid, record
 
 
