@@ -48,6 +48,7 @@ baseline_tower = "resnet18"  # architecture of the baselines when the pretrainin
 baseline_image_size = 64  # their image size in that case (otherwise: the exported towers' size)
 imagenet_baseline = "auto"  # "auto": when the towers are tf_efficientnet_lite0; "yes" / "no"
 random_baseline = True  # a randomly initialised tower of the same architecture
+max_train_patients = 0  # > 0: draw this many training patients (CPU time); 0 keeps them all
 batch_size = 64
 chexpert_root = ""  # folder of CheXpert-v1.0 or -small; empty for the offline world
 seed = 0
@@ -143,11 +144,15 @@ pd.DataFrame([{"encoder": e.name, "kind": e.kind, "architecture": (e.tower or {}
 # mode under `torch.inference_mode()` (the deterministic eval transform: no augmentation) and we keep the
 # global feature vector. Features are cached on disk by encoder weights and images, so re-running the
 # chapter only re-fits the probes. The probes need the train and test splits, and the validation split
-# only when choosing C.
+# only when choosing C. On two CPU cores the `ci` profile draws a subset of the training patients
+# (`max_train_patients`) to keep the chapter to a few minutes; "100%" then means all of that subset.
 
 # %%
-needed = ["train", "test"] + (["validate"] if len(Cs) > 1 else [])
-task.df = task.df[task.df["split"].isin(needed)].reset_index(drop=True)
+task = task.keep_splits(["train", "test"] + (["validate"] if len(Cs) > 1 else []))
+task = task.limit_train_patients(max_train_patients, seed=seed)
+print(f"{(task.df['split'] == 'train').sum()} training images ({task.split('train')['group'].nunique()} patients), "
+      f"{(task.df['split'] == 'test').sum()} test images")
+print(task.skips.summary())
 paths = task.df["image_path"].tolist()
 features, timings = {}, []
 for enc in encoders:

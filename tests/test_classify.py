@@ -162,3 +162,14 @@ def test_offline_world_task_uses_drawn_labels_and_caches_features(tmp_path):
     f2, _, rec2 = encoder_features(enc, task.df["image_path"].tolist(), tmp_path / "c", tmp_path / "f")
     assert f1.shape == (16, 256) and valid.all() and not rec1["from cache"] and rec2["from cache"]
     assert np.array_equal(f1, f2)
+
+
+def test_train_patient_limit_keeps_whole_patients_and_counts_the_rest():
+    df = pd.DataFrame({"image_path": [f"i{i}" for i in range(12)], "group": list("aabbccddeeff"),
+                       "split": ["train"] * 10 + ["test"] * 2, "y": [0.0, 1.0] * 6})
+    task = ClassificationTask("toy", df, ["y"], SkipReport("toy"))
+    small = task.limit_train_patients(3, seed=0)
+    train = small.split("train")
+    assert train["group"].nunique() == 3 and len(train) == 6 and len(small.split("test")) == 2
+    assert sum(small.skips.filtered.values()) == 4
+    assert task.limit_train_patients(0) is task

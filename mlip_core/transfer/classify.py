@@ -77,6 +77,25 @@ class ClassificationTask:
         """The rows of one split (index kept: positions into ``df``)."""
         return self.df[self.df["split"] == name]
 
+    def keep_splits(self, splits: Sequence[str]) -> ClassificationTask:
+        """The task with only these splits' rows (the others counted as filtered)."""
+        keep = self.df["split"].isin(list(splits)).to_numpy()
+        self.skips.filter(f"split not in {tuple(splits)}", int((~keep).sum()))
+        return ClassificationTask(self.name, self.df[keep].reset_index(drop=True), self.labels, self.skips,
+                                  self.unused_labels)
+
+    def limit_train_patients(self, n: int, seed: int = 0) -> ClassificationTask:
+        """The task with at most ``n`` training patients (a seeded draw; their images all kept, the other
+        training images counted as filtered). ``n <= 0`` keeps every patient."""
+        train_groups = np.array(sorted(self.split("train")["group"].astype(str).unique()))
+        if n <= 0 or n >= len(train_groups):
+            return self
+        chosen = set(train_groups[np.random.default_rng(seed).permutation(len(train_groups))[:n]])
+        drop = (self.df["split"] == "train").to_numpy() & ~self.df["group"].astype(str).isin(chosen).to_numpy()
+        self.skips.filter(f"training images of patients beyond the first {n} drawn", int(drop.sum()))
+        return ClassificationTask(self.name, self.df[~drop].reset_index(drop=True), self.labels, self.skips,
+                                  self.unused_labels)
+
 
 def offline_world_task(world_dir: Path | str, labels: Sequence[str] | None = None) -> ClassificationTask:
     """The offline world's frontal images with what was *drawn* (``synth/labels.csv``) as labels.
