@@ -191,6 +191,11 @@ print(f"probes fitted in {time.perf_counter() - t0:.1f} s")
 summary = summarise(results)
 table = summary.pivot(index="encoder", columns="fraction", values="mean AUROC").loc[[e.name for e in encoders]]
 table.columns = [f"{f:.0%} labels" for f in table.columns]
+floor = table.iloc[0]  # the raw-pixel row
+for name in [e.name for e in encoders[1:]]:
+    below = [c for c in table.columns if not table.loc[name, c] > floor[c]]
+    print(f"{name}: " + ("above the raw-pixel floor at every fraction" if not below
+                         else f"NOT above the raw-pixel floor at {', '.join(below)}"))
 table.round(3)
 
 # %%
