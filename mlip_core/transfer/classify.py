@@ -36,7 +36,7 @@ from mlip_core.data.cache import ImageCache
 from mlip_core.data.downstream import CHEXPERT_5, ImageLabelDataset, holdout_split, label_fraction_splits, load_chexpert
 from mlip_core.data.mimic import CHEXPERT_14, load_mimic_pairs
 from mlip_core.data.skips import SkipReport
-from mlip_core.model.encoders import EFFICIENTNET_LITE0_PACKAGE, ImageTower
+from mlip_core.model.encoders import ImageTower
 
 __all__ = [
     "ClassificationTask",
@@ -57,7 +57,6 @@ __all__ = [
     "summarise",
 ]
 
-SPLITS = ("train", "validate", "test")
 
 
 # ------------------------------------------------------------------------------------------------------------
