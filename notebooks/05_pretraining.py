@@ -48,14 +48,17 @@
 # %% tags=["parameters"]
 configs = "convirt,mlip"  # comma-separated named configs (see mlip_core.config.named_config)
 image_tower = "resnet18"  # timm model name (single-channel input)
+image_pretrained = ""  # "" random init, or "efficientnet_lite0_package": shipped ImageNet weights (tf_efficientnet_lite0)
 image_size = 128
-text_tower = "minilm"  # minilm: MiniLM-L6 shipped offline; tiny: a small random BERT
+text_tower = "minilm"  # minilm: MiniLM-L6 shipped offline; tiny: a small random BERT; or a Hub name
+text_allow_download = False  # only the full profile (Bio_ClinicalBERT from the Hub) sets this
 max_length = 64  # report tokens
 freeze_text_layers = 0  # freeze the text embeddings and the first N transformer layers (speed on CPU)
 batch_size = 32
 epochs = 4
 max_steps = 0  # > 0 overrides epochs
 lr = 2e-4
+tower_lr_scale = 1.0  # the (pretrained) towers learn at lr * tower_lr_scale, the projection heads at lr
 warmup_ratio = 0.1
 weight_decay = 0.05
 checkpoint_every = 20  # steps
@@ -130,10 +133,12 @@ def make_config(name: str):
     """The named config with this notebook's parameters."""
     cfg = named_config(name)
     cfg.model.image.name, cfg.model.image.image_size = image_tower, image_size
+    cfg.model.image.pretrained = image_pretrained
     cfg.model.text.name, cfg.model.text.max_length = text_tower, max_length
-    cfg.model.text.freeze_layers = freeze_text_layers
+    cfg.model.text.freeze_layers, cfg.model.text.allow_download = freeze_text_layers, text_allow_download
     tc = cfg.train
     tc.batch_size, tc.epochs, tc.max_steps, tc.lr = batch_size, epochs, max_steps, lr
+    tc.tower_lr_scale = tower_lr_scale
     tc.warmup_ratio, tc.weight_decay, tc.checkpoint_every = warmup_ratio, weight_decay, checkpoint_every
     tc.num_workers, tc.seed, tc.deterministic = num_workers, seed, deterministic
     return cfg
