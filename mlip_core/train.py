@@ -1056,6 +1056,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         train(cfg, data_dir=args.data, run_dir=args.out, resume=args.resume)
+        if dist.is_initialized():
+            # Every rank finishes its collectives before any tears gloo/nccl down (an early teardown aborts the peer).
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

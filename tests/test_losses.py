@@ -334,6 +334,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         loss.backward()
         q = sinkhorn(img[sl] @ unit(4, 16, seed=4).T, 0.05, 3, world_size=world)
         torch.save({"loss": loss.detach(), "gx": x.grad, "gy": y.grad, "q": q}, f"{out_dir}/rank{rank}.pt")
+        # Both ranks must be done with every collective before either tears gloo down: a rank that
+        # destroys the group while its peer is still exchanging aborts the process (seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -47,6 +47,8 @@ if __name__ == "__main__":
     resume = kv.pop("resume", None)
     try:
         run(out, resume=resume, **{k: yaml.safe_load(v) for k, v in kv.items()})
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while its peer still communicates
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
