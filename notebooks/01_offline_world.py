@@ -278,25 +278,20 @@ plt.show()
 # if they do not, the renderer is leaking findings through fixed pixels again.
 
 # %%
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+from mlip_core.data.images import load_uint8
+from mlip_core.transfer.classify import auroc_per_label, linear_probe, offline_world_task, raw_pixel_features
 
-rows = split.merge(truth, on=["subject_id", "study_id"])
-paths = [world_dir / "files" / f"p{str(s)[:2]}" / f"p{s}" / f"s{t}" / f"{d}.jpg"
-         for d, s, t in zip(rows["dicom_id"], rows["subject_id"], rows["study_id"])]
-thumbs = np.stack([np.asarray(Image.open(p).resize((32, 32), Image.BILINEAR), np.float32).ravel() / 255.0
-                   for p in paths])
-train_m, test_m = (rows["split"] == "train").to_numpy(), (rows["split"] == "test").to_numpy()
-probe = []
-for col in ["Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Atelectasis", "Support Devices", "No Finding"]:
-    y = rows[col].to_numpy()
-    if y[train_m].sum() < 10 or y[test_m].sum() < 3 or (1 - y[test_m]).sum() < 3:
-        probe.append({"label": col, "test positives": int(y[test_m].sum()), "raw-pixel AUROC": np.nan})
-        continue
-    clf = LogisticRegression(max_iter=300, C=0.1).fit(thumbs[train_m], y[train_m])
-    probe.append({"label": col, "test positives": int(y[test_m].sum()),
-                  "raw-pixel AUROC": roc_auc_score(y[test_m], clf.predict_proba(thumbs[test_m])[:, 1])})
-pd.DataFrame(probe)
+probe_labels = ["Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Atelectasis", "Support Devices", "No Finding"]
+task = offline_world_task(world_dir, labels=probe_labels)
+train_rows, test_rows = task.split("train"), task.split("test")
+thumbs = raw_pixel_features(np.stack([load_uint8(p, 32) for p in task.df["image_path"]]))
+result = linear_probe(thumbs[train_rows.index], train_rows[task.labels].to_numpy(), thumbs[test_rows.index],
+                      task.labels, C=0.1)
+aurocs, not_scored = auroc_per_label(test_rows[task.labels].to_numpy(), result.scores, task.labels)
+pd.DataFrame([{"label": c, "test positives": int(test_rows[c].sum()) if c in task.labels else 0,
+               "raw-pixel AUROC": aurocs.get(c, np.nan),
+               "not scored because": not_scored.get(c) or result.constant.get(c) or task.unused_labels.get(c, "")}
+              for c in probe_labels])
 
 # %% [markdown]
 # (With the smoke profile's handful of studies the table is mostly empty: too few positives to score.)
