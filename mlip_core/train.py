@@ -312,8 +312,8 @@ class MetricsLog:
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
-    def truncate_after(self, step: int, epoch: int) -> None:
-        """On resume: drop step records after ``step`` and epoch/val records of epochs >= ``epoch``."""
+    def truncate_after(self, step: int) -> None:
+        """On resume from the checkpoint at ``step``: drop every record written after it."""
         if not (self.enabled and self.path.exists()):
             return
         kept = []
@@ -322,9 +322,10 @@ class MetricsLog:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill mid-write
-            if rec.get("kind") == "step" and rec.get("step", 0) > step:
-                continue
-            if rec.get("kind") in ("epoch", "val") and rec.get("epoch", 0) >= epoch:
+            # Records up to the checkpoint's step happened before (or, for a run's final validation, right
+            # after) that checkpoint and are never written again by the resumed run: keep them. Later ones
+            # will be written again.
+            if rec.get("step", 0) > step:
                 continue
             kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
@@ -553,7 +554,7 @@ class Trainer:
                 f"checkpoint {path} does not fit this model/optimizer ({str(exc)[:300]}); it was written by code "
                 f"version {state.get('code_version')}, now {ckpt_lib.code_version()}: resume with that code or "
                 "start a new --out folder") from exc
-        self.metrics.truncate_after(self.step, self.epoch)
+        self.metrics.truncate_after(self.step)
         self.resumed_from = path
         self.last_checkpoint = path
         if self.dist.is_main:

@@ -22,6 +22,7 @@ from mlip_core.train import (
     cosine_lr_factor,
     load_image_tower_export,
     param_groups,
+    read_metrics,
     retrieval_recall,
 )
 
@@ -274,3 +275,14 @@ def test_mlip_torchrun_two_gloo_processes_completes_and_global_terms_agree(tiny_
     for term in ("loss_global", "loss_local"):
         assert two[0][term] == pytest.approx(one[0][term], rel=0.05), term
     assert read_metrics(out, "val")[-1]["val_n"] == read_metrics(mlip_full_run, "val")[-1]["val_n"]
+
+
+def test_rerunning_a_finished_run_keeps_its_metrics_and_final_validation(tmp_path):
+    # A notebook re-executed in the same workspace resumes a run that already ended (here mid-epoch at
+    # max_steps, so its last validation was written after its last checkpoint): nothing may be lost.
+    run(str(tmp_path), max_steps=5)
+    before = read_metrics(tmp_path)
+    run(str(tmp_path), resume="auto", max_steps=5)
+    after = read_metrics(tmp_path)
+    assert [r for r in before if r.get("kind") == "val"], "the first run validated at its end"
+    assert after == before
