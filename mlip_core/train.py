@@ -156,7 +156,8 @@ class _CosineFactor:
 
 def build_optimizer(model: nn.Module, tc: Any, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over :func:`param_groups` and a warm-up + cosine ``LambdaLR`` stepped once per optimizer step."""
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, getattr(tc, "tower_lr_scale", 1.0)), lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    groups = param_groups(model, tc.weight_decay, tc.lr, tc.tower_lr_scale)
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
     warmup = tc.warmup_steps if tc.warmup_steps > 0 else int(round(tc.warmup_ratio * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _CosineFactor(total_steps, warmup, tc.min_lr_ratio))
     return opt, sched
