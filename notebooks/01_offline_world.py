@@ -217,10 +217,13 @@ print("views:", meta["ViewPosition"].value_counts().to_dict())
 split.head(3)
 
 # %% [markdown]
-# Two label tables sit side by side. `mimic-cxr-2.0.0-chexpert.csv` follows the CheXpert convention the
-# real dataset uses — 1 positive, 0 negated in the report, −1 hedged, blank not mentioned — and is what
-# the readers see. `synth/labels.csv` is what was actually **drawn**, 0 or 1 for every study: the truth
-# that evaluation can use when a report's wording is ambiguous.
+# Two label tables sit side by side. `mimic-cxr-2.0.0-chexpert.csv` is made the way MIMIC-CXR's is: a
+# labeller **reads the report text** — here the project's rule-based labeller (`mlip_core.knowledge.extract`,
+# chapter 02), run on exactly the `sNNN.txt` file the readers see — and writes the CheXpert convention:
+# 1 positive, 0 negated, −1 hedged, blank not mentioned. It is the only label table pretraining may use.
+# `synth/labels.csv` is what was actually **drawn**, 0 or 1 for every study: the truth, which only
+# evaluation reads (pretraining never opens `synth/`; `tests/test_no_label_leak.py` hides the folder and
+# trains anyway).
 
 # %%
 by_split = truth.merge(split[["study_id", "split"]].drop_duplicates(), on="study_id")
@@ -229,6 +232,19 @@ prevalence["reader table: 1.0"] = (chexpert[CHEXPERT_COLUMNS] == 1.0).sum()
 prevalence["reader table: -1.0"] = (chexpert[CHEXPERT_COLUMNS] == -1.0).sum()
 prevalence["reader table: blank"] = chexpert[CHEXPERT_COLUMNS].isna().sum()
 prevalence
+
+# %% [markdown]
+# How far is the labeller's table from the truth? For each finding: how many studies show it (`truth
+# positives`), how many the labeller marked 1 or −1, and the precision and recall of its 1s (`recall 1 or
+# −1` counts a hedge as found). The disagreements have two sources: the labeller's own mistakes (a phrasing
+# it does not know, a negation whose scope it cuts wrongly), and reports whose text says more or less than
+# the MeSH terms the image was drawn from. MIMIC's CSV has errors of the same kinds; pretraining learns
+# with them, and evaluation against the truth shows what they cost.
+
+# %%
+from mlip_core.data.synth import label_agreement
+
+label_agreement(world_dir).round(3)
 
 # %% [markdown]
 # ## A quick look
@@ -306,9 +322,9 @@ pd.DataFrame([{"label": c, "test positives": int(test_rows[c].sum()) if c in tas
 #   prior films) has no image counterpart.
 # - **IU, not MIMIC, text.** IU reports are outpatient, shorter and more often normal than MIMIC's
 #   (mostly inpatient and ICU) reports; `XXXX` replaces MIMIC's `___`.
-# - **Labels.** The reader-facing CheXpert table comes from the MeSH terms (positives only) for IU studies
-#   and from the generator for template studies; MIMIC's comes from the CheXpert labeler run on the text,
-#   with its own errors. `synth/labels.csv` is exact, which real data never is.
+# - **Labels.** The reader-facing CheXpert table is our labeller's reading of each report, as MIMIC's is
+#   the CheXpert labeler's; the two labellers make different mistakes. `synth/labels.csv` is exact, which
+#   real data never is.
 # - **Anatomy is schematic.** Real lung outlines, but the heart is an ellipse, ribs are regular arcs, lung
 #   vessels are a texture, and there is no lateral-view depth, scapula or breast tissue detail beyond a
 #   shadow. Findings are textbook-clean. A model can learn *where to look* here; how it transfers to real

@@ -1,19 +1,24 @@
-"""The offline world on disk: MIMIC-CXR-JPG layout, determinism, patient-level splits, ground truth, IU pairing."""
+"""The offline world on disk: MIMIC-CXR-JPG layout, determinism, patient-level splits, ground truth, IU pairing,
+and the reader-facing CheXpert CSV being the labeler on the report text (not the drawn truth)."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from mlip_core.data.iu import load_iu_reports
 from mlip_core.data.reportgen import generate_report, sample_findings
-from mlip_core.data.synth import FINDINGS_COLUMNS, METADATA_COLUMNS, main, write_world
+from mlip_core.data.synth import FINDINGS_COLUMNS, METADATA_COLUMNS, label_agreement, main, write_world
 from mlip_core.data.synth_findings import CHEXPERT_COLUMNS, Finding, chexpert_row, findings_from_mesh
+from mlip_core.knowledge.extract import default_extractor
+from mlip_core.knowledge.graph import CHEXPERT_14
 
 N, SIZE = 24, 64
 
@@ -91,41 +96,98 @@ def test_findings_table_masks_and_boxes_agree(world: Path):
         assert int(r["area"]) == mask.sum()
 
 
-def test_labels_follow_the_drawn_findings(world: Path):
+def test_truth_follows_the_drawn_findings(world: Path):
     labels = {(r["subject_id"], r["study_id"]): r for r in _rows(world / "synth" / "labels.csv")}
-    chex = {(r["subject_id"], r["study_id"]): r for r in _rows(world / "mimic-cxr-2.0.0-chexpert.csv")}
     drawn: dict[str, set[str]] = {}
     for r in _rows(world / "synth" / "findings.csv"):
         if r["chexpert"]:
             drawn.setdefault(r["study_id"], set()).add(r["chexpert"])
+    assert len(labels) == N
     for key, row in labels.items():
+        assert all(row[c] in ("0", "1") for c in CHEXPERT_COLUMNS)
         positives = {c for c in CHEXPERT_COLUMNS if row[c] == "1" and c != "No Finding"}
-        assert drawn.get(key[1], set()) <= positives  # every drawn instance is labelled
-        for c in positives:  # and the reader-facing table agrees (1 or hedged -1)
-            assert chex[key][c] in ("1.0", "-1.0")
+        assert drawn.get(key[1], set()) <= positives  # every drawn instance is in the truth
+        assert row["No Finding"] == str(int(not positives - {"Support Devices"}))
 
 
-def test_studies_pair_with_real_iu_reports_and_negations_stay_negated(world: Path):
+def _labeler_table(root: Path) -> dict[str, list[float]]:
+    """The labeler on each study's report file, read back from disk (blank = NaN)."""
+    ex = default_extractor()
+    out = {}
+    for txt in sorted((root / "files").glob("p*/p*/s*.txt")):
+        labels = ex.report_labels(txt.read_text(encoding="utf-8"))
+        out[txt.stem[1:]] = [labels[c] for c in CHEXPERT_COLUMNS]
+    return out
+
+
+def _csv_table(root: Path) -> dict[str, list[float]]:
+    return {r["study_id"]: [float(r[c]) if r[c] != "" else math.nan for c in CHEXPERT_COLUMNS]
+            for r in _rows(root / "mimic-cxr-2.0.0-chexpert.csv")}
+
+
+def _same_cells(a: dict[str, list[float]], b: dict[str, list[float]]) -> None:
+    assert set(a) == set(b)
+    for study, row in a.items():
+        for c, x, y in zip(CHEXPERT_COLUMNS, row, b[study]):
+            assert (math.isnan(x) and math.isnan(y)) or x == y, (study, c, x, y)
+
+
+def test_chexpert_csv_is_the_labeler_on_each_report_file(world: Path):
+    assert CHEXPERT_COLUMNS == CHEXPERT_14  # the CSV's column order is the labeler's
+    labeler, table = _labeler_table(world), _csv_table(world)
+    assert len(table) == N
+    _same_cells(table, labeler)
+
+
+def test_chexpert_csv_is_the_labeler_for_template_reports_too(tmp_path: Path):
+    write_world(tmp_path, num_studies=20, seed=5, image_size=32, report_source="mixed")
+    _same_cells(_csv_table(tmp_path), _labeler_table(tmp_path))
+
+
+def test_label_agreement_counts_against_the_truth(world: Path):
+    agree = label_agreement(world)
+    truth = pd.read_csv(world / "synth" / "labels.csv")
+    chex = pd.read_csv(world / "mimic-cxr-2.0.0-chexpert.csv")
+    assert list(agree.index) == CHEXPERT_COLUMNS
+    for c in CHEXPERT_COLUMNS:
+        row = agree.loc[c]
+        assert row["truth positives"] == (truth[c] == 1).sum()
+        assert row["labeler 1"] == (chex[c] == 1).sum() and row["labeler -1"] == (chex[c] == -1).sum()
+        both = truth.merge(chex, on=["subject_id", "study_id"])
+        assert row["true positives"] == ((both[f"{c}_x"] == 1) & (both[f"{c}_y"] == 1)).sum()
+        if row["labeler 1"]:
+            assert row["precision"] == pytest.approx(row["true positives"] / row["labeler 1"])
+        if row["truth positives"]:
+            assert row["recall"] == pytest.approx(row["true positives"] / row["truth positives"])
+            assert row["recall"] <= row["recall 1 or -1"] <= 1
+    assert agree["truth positives"].sum() > 0 and agree["true positives"].sum() > 0
+
+
+def test_studies_pair_with_real_iu_reports_and_normal_reports_draw_nothing(world: Path):
     by_uid = {r.uid: r for r in load_iu_reports()}
     studies = _rows(world / "synth" / "studies.csv")
     chex = {r["study_id"]: r for r in _rows(world / "mimic-cxr-2.0.0-chexpert.csv")}
     drawn_ptx = {r["study_id"] for r in _rows(world / "synth" / "findings.csv") if r["finding"] == "pneumothorax"}
     assert all(s["report_source"] == "iu" for s in studies)
+    normal = 0
     for s in studies:
         iu = by_uid[s["iu_uid"]]
         assert s["mesh_major"] == ";".join(iu.mesh_major)
         txt = next(world.glob(f"files/*/p{s['subject_id']}/s{s['study_id']}.txt")).read_text()
         assert (iu.impression or iu.findings) in txt
         if iu.mesh_major == ["normal"]:
-            assert s["drawn_findings"] == "" and chex[s["study_id"]]["No Finding"] == "1.0"
-            assert chex[s["study_id"]]["Pneumothorax"] != "1.0" and s["study_id"] not in drawn_ptx
+            normal += 1
+            assert s["drawn_findings"] == "" and s["study_id"] not in drawn_ptx
+            # The labeler reads "No pneumothorax" in a normal report as a negation, not a finding.
+            assert chex[s["study_id"]]["Pneumothorax"] != "1.0"
+    assert normal > 0
 
 
 def test_template_reports_carry_hedges_and_negations(tmp_path: Path):
     write_world(tmp_path, num_studies=30, seed=1, image_size=32, report_source="template")
     chex = _rows(tmp_path / "mimic-cxr-2.0.0-chexpert.csv")
     values = {row[c] for row in chex for c in CHEXPERT_COLUMNS}
-    assert {"1.0", "0.0"} <= values
+    assert {"1.0", "0.0", "-1.0"} <= values  # the labeler finds the generator's negations and hedges
     assert all(s["report_source"] == "template" for s in _rows(tmp_path / "synth" / "studies.csv"))
 
 

@@ -8,11 +8,13 @@ Layout (MIMIC-CXR-JPG 2.0.0, so the real reader reads it unchanged):
     DIR/files/pXX/pSUBJECT/sSTUDY.txt                report ("FINDINGS: ...\\n\\nIMPRESSION: ...")
     DIR/mimic-cxr-2.0.0-split.csv                    dicom_id,study_id,subject_id,split (patient-level)
     DIR/mimic-cxr-2.0.0-metadata.csv                 DICOM-header columns (ViewPosition, Rows, ...)
-    DIR/mimic-cxr-2.0.0-chexpert.csv                 14 CheXpert columns, 1 / 0 / -1 / blank
+    DIR/mimic-cxr-2.0.0-chexpert.csv                 14 CheXpert columns, 1 / 0 / -1 / blank: the project's labeler
+                                                     (knowledge.extract) run on each sSTUDY.txt, as MIMIC's CSV is
+                                                     the CheXpert labeler run on the report, errors included
     DIR/synth/findings.csv                           ground truth: one row per drawn finding, box + mask
     DIR/synth/masks/DICOM_ID_K.png                   the finding masks (0/255)
     DIR/synth/anatomy/DICOM_ID.png                   lungs and heart (0 bg, 1 right lung, 2 left lung, 3 heart)
-    DIR/synth/labels.csv                             every study's drawn findings as 14 columns of 0/1
+    DIR/synth/labels.csv                             every study's drawn findings as 14 columns of 0/1 (the truth)
     DIR/synth/studies.csv                            report source, IU uid, MeSH terms, undrawn terms
     DIR/synth/world.json                             the parameters that reproduce the world
 
@@ -22,6 +24,10 @@ counted. When more studies are asked for than there are IU reports, or with ``re
 the template generator writes the report. Same seed, same arguments -> byte-identical files, for any number
 of workers (every study draws from its own seeded stream). Across machines the bytes can differ in the last
 bit where numpy's vectorised exp/sin differ by CPU; the content is the same.
+
+No label leakage: pretraining may read the MIMIC-layout files (images, reports, the labeler's CSV) only. The
+renderer's ground truth under ``synth/`` is for evaluation; ``label_agreement`` measures how far the labeler's
+CSV is from it (the "labeler error" of this world).
 """
 
 from __future__ import annotations
@@ -43,12 +49,14 @@ from PIL import Image
 
 from mlip_core.data.iu import IUReport, load_iu_reports
 from mlip_core.data.reportgen import generate_report, sample_findings
-from mlip_core.data.synth_findings import CHEXPERT_COLUMNS, chexpert_row, findings_from_mesh
+from mlip_core.data.synth_findings import CHEXPERT_COLUMNS, findings_from_mesh
 from mlip_core.data.synth_render import Patient, render, sample_patient, sample_scene
+from mlip_core.knowledge.extract import default_extractor
 
-__all__ = ["WorldSummary", "write_world", "ensure_world", "world_parameters", "main", "METADATA_COLUMNS", "FINDINGS_COLUMNS"]
+__all__ = ["WorldSummary", "write_world", "ensure_world", "world_parameters", "label_agreement", "main",
+           "METADATA_COLUMNS", "FINDINGS_COLUMNS"]
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: mimic-cxr-2.0.0-chexpert.csv from the labeler on the report text (1: from drawn findings)
 METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
                     "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
                     "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
@@ -147,7 +155,6 @@ def _render_study(plan: _StudyPlan, out: str, image_size: int, seed: int, jpeg_q
     undrawn: list[str] = []
     if plan.iu is not None:
         findings, undrawn = findings_from_mesh(plan.iu.mesh_major, rng)
-        labels = chexpert_row(findings)
         source, uid = "iu", plan.iu.uid
         indication, comparison = plan.iu.indication, plan.iu.comparison
         f_text, i_text = plan.iu.findings, plan.iu.impression
@@ -155,7 +162,6 @@ def _render_study(plan: _StudyPlan, out: str, image_size: int, seed: int, jpeg_q
         findings = sample_findings(rng)
         gen = generate_report(findings, rng)
         findings = gen.present
-        labels = chexpert_row(findings, gen.negated)
         source, uid = "template", ""
         indication, comparison = "", ""
         f_text, i_text = gen.findings, gen.impression
@@ -186,8 +192,11 @@ def _render_study(plan: _StudyPlan, out: str, image_size: int, seed: int, jpeg_q
                               plan.study_date, f"{plan.study_time:.3f}", proc,
                               "antero-posterior" if ap else "postero-anterior", "Recumbent" if ap else "Erect"])
     examination = "CHEST (PORTABLE AP)" if view0 == "AP" else "CHEST (PA AND LAT)"
-    (study_dir.parent / f"s{plan.study_id}.txt").write_text(
-        _report_text(f_text, i_text, indication, comparison, examination), encoding="utf-8")
+    report = _report_text(f_text, i_text, indication, comparison, examination)
+    (study_dir.parent / f"s{plan.study_id}.txt").write_text(report, encoding="utf-8")
+    # The reader-facing labels come from the text alone, as MIMIC's CheXpert CSV does: never from `findings`.
+    # default_extractor() is cached per process, so each worker builds it once.
+    labels = default_extractor().report_labels(report)
     res.chexpert_row = [plan.subject_id, plan.study_id] + [_fmt(labels[c]) for c in CHEXPERT_COLUMNS]
     truth = {c: 0 for c in CHEXPERT_COLUMNS}
     for f in findings:
@@ -365,6 +374,38 @@ def ensure_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_
         elif target.exists():
             target.unlink()
     return write_world(out, num_studies, seed, image_size=image_size, **kwargs), True
+
+
+def label_agreement(world_dir: str | os.PathLike):
+    """How well the labeler's ``mimic-cxr-2.0.0-chexpert.csv`` finds the drawn truth (``synth/labels.csv``).
+
+    One row per CheXpert column: ``truth positives`` (drawn), ``labeler 1`` / ``labeler -1`` (positive / uncertain
+    in the CSV), ``true positives`` (drawn and labelled 1), ``precision`` and ``recall`` of the labeler's 1s, and
+    ``recall 1 or -1`` counting uncertain as found. Precision is NaN where the labeler gave no 1, recall where
+    nothing was drawn. This is an evaluation-side view: it reads ``synth/``, which pretraining never does.
+    """
+    import pandas as pd
+
+    root = Path(world_dir)
+    keys = ["subject_id", "study_id"]
+    csv_labels = pd.read_csv(root / "mimic-cxr-2.0.0-chexpert.csv")
+    truth = pd.read_csv(root / "synth" / "labels.csv")
+    both = truth.merge(csv_labels, on=keys, how="inner", suffixes=("_truth", "_labeler"), validate="one_to_one")
+    if len(both) != len(truth) or len(both) != len(csv_labels):
+        raise ValueError(f"{root}: the labeler CSV ({len(csv_labels)} studies) and synth/labels.csv "
+                         f"({len(truth)}) do not cover the same studies")
+    rows = []
+    for c in CHEXPERT_COLUMNS:
+        t = both[f"{c}_truth"].to_numpy() == 1
+        lab = both[f"{c}_labeler"].to_numpy()
+        pos, unc = lab == 1.0, lab == -1.0
+        tp = int((t & pos).sum())
+        rows.append({"finding": c, "truth positives": int(t.sum()), "labeler 1": int(pos.sum()),
+                     "labeler -1": int(unc.sum()), "true positives": tp,
+                     "precision": tp / pos.sum() if pos.any() else math.nan,
+                     "recall": tp / t.sum() if t.any() else math.nan,
+                     "recall 1 or -1": int((t & (pos | unc)).sum()) / t.sum() if t.any() else math.nan})
+    return pd.DataFrame(rows).set_index("finding")
 
 
 def main(argv: list[str] | None = None) -> int:
