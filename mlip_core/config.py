@@ -34,6 +34,9 @@ class ImageTowerConfig:
     # -2 = the mid-level map, e.g. ResNet layer3 at stride 16, as GLoRIA uses). ViTs use patch tokens.
     patch_level: int = -2
     drop_path_rate: float = 0.0
+    # Freeze the stem and the first N stages (ResNet layer1.., EfficientNet blocks[0..N-1]): their weights stay
+    # at init, BatchNorm in eval mode, and no backward runs through them. 0 = train everything.
+    frozen_stages: int = 0
 
 
 @dataclass
@@ -48,6 +51,9 @@ class TextTowerConfig:
     pooling: str = "mean"  # "mean" over valid tokens (how MiniLM was trained) or "cls"
     freeze_layers: int = 0  # freeze the embeddings and the first N transformer layers (0 = none)
     max_length: int = 128
+    # A wholly frozen text tower (freeze_layers = all layers) is a fixed function of the report: encode every
+    # report of a dataset once (token features, sentence vector, [CLS] attention) and read them per batch.
+    cache_features: bool = True
     # Sizes of the "tiny" random BERT.
     tiny_hidden_size: int = 32
     tiny_layers: int = 2
@@ -67,6 +73,10 @@ class ModelConfig:
     learn_temperature: bool = True
     max_logit_scale: float = 100.0
     momentum: float = 0.995  # EMA rate of the divergence encoder
+    # Freshly initialised heads make the momentum copy a random function for ~1/(1-m) = 200 steps: ramp the EMA
+    # rate as m_t = min(m, (1 + t) / (10 + t)) (mean-teacher style), so the copy tracks the online model early
+    # and soft targets carry information in a short run; False = m from the first step (ALBEF).
+    momentum_warmup: bool = True
     num_free_prototypes: int = 32  # prototypes beyond the knowledge-initialised ones
     # The cross-attention fusion head (ITM over 3B pairs, text swap over B): kept small so that a whole
     # mlip step stays within 1.6x a convirt step (benchmarks/bench_losses.py); ALBEF's is 6 x 768.
@@ -83,13 +93,20 @@ class LossConfig:
     weight_global: float = 1.0
     divergence: bool = True  # momentum encoder + soft targets; False = plain InfoNCE, no momentum copy
     soft_alpha: float = 0.4  # targets (1-a)*onehot + a*softmax(sim_m / tau)
+    alpha_warmup: bool = True  # ALBEF: a * min(1, step / steps_per_epoch) during the first epoch
     knowledge_negatives: bool = True  # same non-empty positive finding set => not a negative
+    global_i2t_weight: float = 0.5  # weight of image->text in the global InfoNCE (text->image gets 1 - it)
     # 2. Local alignment: "none" | "mlip" (token-knowledge-patch) | "mgca" (token-patch) | "gloria".
     local: str = "mlip"
     weight_local: float = 1.0
     local_temperature: float = 0.1
-    knowledge_fusion: bool = True  # fuse entity knowledge embeddings into report tokens
-    knowledge_token_weight: float = 2.0  # weight of knowledge-bearing tokens relative to others
+    knowledge_fusion: bool = True  # fuse entity knowledge embeddings into *positive* mentions' tokens
+    knowledge_token_weight: float = 2.0  # weight of positive knowledge-bearing tokens relative to others
+    # How the token-level loss weights words: "knowledge" (MLIP: positive mentions x knowledge_token_weight),
+    # "uniform", or "cls_attention" (MGCA: the text tower's last-layer [CLS] attention, clipped to its
+    # 10-90% quantiles). Patches (the patch->word direction) are weighted uniformly on a CNN tower.
+    local_word_weights: str = "knowledge"
+    local_patch_direction: bool = False  # MGCA's second direction: each patch attends over the words
     gloria_temp1: float = 4.0  # GLoRIA's attention sharpening, word aggregation and logit scale
     gloria_temp2: float = 5.0
     gloria_temp3: float = 10.0
@@ -98,6 +115,7 @@ class LossConfig:
     weight_category: float = 1.0
     knowledge_prototypes: bool = True  # initialise prototypes from finding embeddings
     proto_temperature: float = 0.2  # MGCA
+    freeze_prototypes_epochs: int = 0  # MGCA freezes its prototypes during the first epoch
     sinkhorn_epsilon: float = 0.05  # SwAV / MGCA
     sinkhorn_iterations: int = 3
     supcon: bool = True  # supervised contrastive on report labels (images sharing a positive finding)
@@ -147,31 +165,98 @@ def _ablate(loss: LossConfig, part: str) -> None:
         setattr(loss, part, False)
 
 
-def named_config(name: str) -> Config:
-    """A fresh config for ``convirt|gloria|mgca|mlip|mlip_no_<part>`` (parts: ABLATION_PARTS)."""
-    cfg = Config(name=name)
+def _baseline(cfg: Config) -> LossConfig:
+    """Common to the baselines: plain InfoNCE, no divergence encoder, no knowledge, no proxy tasks."""
     loss = cfg.loss
+    loss.divergence = False
+    loss.knowledge_negatives = False
+    loss.knowledge_fusion = False
+    loss.itm = False
+    loss.swap = False
+    loss.category = False
+    loss.local = "none"
+    return loss
+
+
+def convirt(cfg: Config) -> None:
+    """ConVIRT (Zhang et al., arXiv 2010.00747): the global InfoNCE alone, both directions.
+
+    Faithful: temperature tau = 0.1, fixed (Sec. 3, "tau = 0.1"); the image->text term weighted lambda = 0.75
+    and text->image 1 - lambda (Eq. 3, "lambda = 0.75"); two-layer projection heads to a shared space.
+    Remaining differences: the projections use GELU (ConVIRT: ReLU) and end at d = 128 (ConVIRT: 512); the towers
+    are the book's (ConVIRT: ResNet-50 + ClinicalBERT with the first 6 layers frozen); ConVIRT samples one
+    random sentence of the report per step, we encode the whole report; no official code exists to compare.
+    """
+    loss = _baseline(cfg)
+    loss.global_i2t_weight = 0.75
+    cfg.model.init_temperature = 0.1
+    cfg.model.learn_temperature = False
+
+
+def gloria(cfg: Config) -> None:
+    """GLoRIA (Huang et al., ICCV 2021; marshuang80/gloria): global InfoNCE + word-region attention.
+
+    Faithful: the local loss reads *unnormalised* word and region features (gloria/loss/gloria_loss.py
+    ``local_loss``/``attention_fn``), sub-word tokens summed into words (gloria/models/text_model.py
+    ``aggregate_tokens``), temp1 = 4 (attention sharpening), temp2 = 5 (word aggregation), temp3 = 10 (logit
+    scale of both the local and the global loss, i.e. a fixed temperature 0.1; configs/chexpert_pretrain_config
+    ``model.gloria``), local and global weights 1 and 1; the region grid is the mid-level CNN map (GLoRIA:
+    ResNet-50 layer3, 19x19 at 299 px).
+    Remaining differences: our local features pass a 2-layer projection head (GLoRIA: a 1x1 conv on regions and
+    a linear layer on words, to 768); the towers are the book's; the word/sentence features come from the last
+    layer (GLoRIA sums the last four BERT layers).
+    """
+    loss = _baseline(cfg)
+    loss.local = "gloria"
+    loss.local_word_weights = "uniform"
+    loss.weight_local = 1.0
+    cfg.model.init_temperature = 1.0 / loss.gloria_temp3
+    cfg.model.learn_temperature = False
+
+
+def mgca(cfg: Config) -> None:
+    """MGCA (Wang et al., NeurIPS 2022; HKU-MedAI/MGCA): global + bidirectional token-level + prototypes.
+
+    Faithful (mgca/models/mgca/mgca_module.py): global temperature 0.07, fixed (``softmax_temperature``);
+    token-level loss both ways, word->patch and patch->word, local temperature 0.1, each direction's
+    cross-entropy weighted by attention-derived weights: words by the text tower's last-layer [CLS] attention
+    clipped to its 10-90% quantiles; 500 free prototypes, temperature 0.2, Sinkhorn eps 0.05 with 3 iterations,
+    frozen during the first epoch (``freeze_prototypes_epochs = 1``); loss weights lambda 1, 1, 1.
+    Remaining differences: with a CNN image tower there is no ViT [CLS]->patch attention, so the patch->word
+    direction weights patches uniformly; the token attention is a dot-product softmax (MGCA: a one-head
+    ``nn.MultiheadAttention``); no SupCon term (MGCA has none); the towers are the book's (MGCA: ViT-B/16 + BioClinicalBERT).
+    """
+    loss = _baseline(cfg)
+    loss.local = "mgca"
+    loss.local_word_weights = "cls_attention"
+    loss.local_patch_direction = True
+    loss.local_temperature = 0.1
+    loss.weight_local = 1.0
+    loss.category = True
+    loss.weight_category = 1.0
+    loss.knowledge_prototypes = False
+    loss.supcon = False
+    loss.proto_temperature = 0.2
+    loss.freeze_prototypes_epochs = 1
+    cfg.model.num_free_prototypes = 500
+    cfg.model.init_temperature = 0.07
+    cfg.model.learn_temperature = False
+
+
+BASELINE_BUILDERS = {"convirt": convirt, "gloria": gloria, "mgca": mgca}
+
+
+def named_config(name: str) -> Config:
+    """A fresh config for ``convirt|gloria|mgca|mlip|mlip_no_<part>`` (parts: ABLATION_PARTS); the baselines'
+    faithfulness notes are the docstrings of :func:`convirt`, :func:`gloria` and :func:`mgca`."""
+    cfg = Config(name=name)
     if name == "mlip":
         return cfg
     if name.startswith("mlip_no_") and name[len("mlip_no_"):] in ABLATION_PARTS:
-        _ablate(loss, name[len("mlip_no_"):])
+        _ablate(cfg.loss, name[len("mlip_no_"):])
         return cfg
-    if name in ("convirt", "gloria", "mgca"):
-        # Common to the baselines: plain InfoNCE, no knowledge, no proxy tasks.
-        loss.divergence = False
-        loss.knowledge_negatives = False
-        loss.knowledge_fusion = False
-        loss.itm = False
-        loss.swap = False
-        loss.category = False
-        loss.local = "none"
-        if name == "gloria":
-            loss.local = "gloria"
-        elif name == "mgca":
-            loss.local = "mgca"
-            loss.category = True
-            loss.knowledge_prototypes = False
-            loss.supcon = False
+    if name in BASELINE_BUILDERS:
+        BASELINE_BUILDERS[name](cfg)
         return cfg
     known = list(BASELINES) + [f"mlip_no_{p}" for p in ABLATION_PARTS]
     raise ValueError(f"unknown config name {name!r}; choose one of {known}")

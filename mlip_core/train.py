@@ -474,6 +474,8 @@ class Trainer:
             raise ValueError(f"one optimizer step needs {tc.batch_size * tc.grad_accum_steps} samples; the training "
                              f"set has {len(train_set)}: lower batch_size or grad_accum_steps")  # type: ignore
         self.total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * self.steps_per_epoch
+        if hasattr(model, "steps_per_epoch"):  # warm-ups that last an epoch (ALBEF's alpha, MGCA's prototypes)
+            model.steps_per_epoch = self.steps_per_epoch
         self.optimizer, self.scheduler = build_optimizer(self.module, tc, self.total_steps)
 
         fwd: nn.Module = self.module
@@ -775,7 +777,8 @@ class Trainer:
             with self._autocast():
                 out = model(batch)
                 ie = model.encode_image(batch["image"], normalize=True)
-                te = model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)
+                te = model.encode_batch_text(batch, normalize=True) if hasattr(model, "encode_batch_text") \
+                    else model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)
             b = batch["image"].shape[0]
             for k, v in out.items():
                 if _logged(k) and torch.is_tensor(v) and v.numel() == 1:
@@ -892,6 +895,49 @@ def _pairs_dataset(config: Any, data_dir: Path, split: str, train_split: bool) -
     return MimicPretrainDataset(pairs, image_size=size, transform=transform, cache=cache), skips
 
 
+class TextFeatureDataset(Dataset):
+    """A pretraining dataset whose items also carry their report's precomputed text-tower outputs
+    (``text_tokens`` (L,Dt), ``text_sentence`` (Dt), ``text_cls_attention`` (L)), looked up by ``item["index"]``."""
+
+    def __init__(self, base: Dataset, features: dict[str, torch.Tensor]) -> None:
+        self.base, self.features = base, features
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        item = self.base[key]
+        i = int(item["index"])
+        item.update({k: v[i] for k, v in self.features.items()})
+        return item
+
+
+def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
+                         progress: bool = False) -> dict[str, torch.Tensor]:
+    """Every report encoded once by a wholly frozen text tower (see
+    :func:`mlip_core.model.encoders.precompute_text_features`), cached in ``workspace("cache", "text")`` by a
+    hash of the tower, the length and the texts: the ablations' runs share one encoding per world."""
+    import hashlib
+
+    from mlip_core.model.encoders import precompute_text_features
+    from mlip_core.paths import workspace
+
+    texts = [t if isinstance(t, str) else "" for t in texts]
+    key = hashlib.sha1(("\x00".join(texts) + f"|{text_tower.name}|{max_length}|{text_tower.cfg.pooling}")
+                       .encode("utf-8")).hexdigest()[:16]
+    path = workspace("cache", "text") / f"{text_tower.name}_{key}.pt"
+    if path.exists() and getattr(text_tower, "pretrained", False):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn cache file: recompute and overwrite it
+            log.warning("text feature cache %s unreadable; recomputing", path)
+    enc = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+    feats = precompute_text_features(text_tower, enc, progress=progress)
+    if getattr(text_tower, "pretrained", False):  # a random tower's features depend on the seed: never cached
+        ckpt_lib.atomic_torch_save(feats, path)
+    return feats
+
+
 def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | None = None) -> dict[str, Any]:
     """Model (with knowledge embeddings), train/val datasets and the collator for ``config`` on a
     MIMIC-CXR-JPG-layout folder (the offline world or the real dataset)."""
@@ -921,8 +967,17 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
         entity_emb = embed_entities(TextTower(mc.text), tokenizer, graph.entity_texts(), max_length=mc.text.max_length)
     protos = [graph.entity_ids.index(i) for i in graph.finding_ids]
     model = MLIP(config, entity_emb, prototype_entities=protos)
+    if mc.text.cache_features and model.text_tower.frozen:
+        for ds in (train_set, val_set):
+            if len(ds):
+                feats = frozen_text_features(model.text_tower, tokenizer, ds._texts, mc.text.max_length,
+                                             progress=config.train.progress)
+                if ds is train_set:
+                    train_set = TextFeatureDataset(ds, feats)
+                else:
+                    val_set = TextFeatureDataset(ds, feats)
     collate = PretrainCollator(tokenizer, KnowledgeExtractor(graph), mc.text.max_length,
-                               config.train.swap_prob if lc.swap else 0.0)
+                               config.train.swap_prob if lc.swap else 0.0, word_index=lc.local == "gloria")
     return {"model": model, "train_set": train_set, "val_set": val_set if len(val_set) else None,
             "collate_fn": collate, "tokenizer": tokenizer, "graph": graph}
 

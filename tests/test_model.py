@@ -68,11 +68,19 @@ def batch(tokenizer) -> dict[str, torch.Tensor]:
     labels[1, 8] = labels[3, 8] = 1  # two "No Finding" reports
     labels[2, 11] = 1
     swap = tokenizer([TEXTS[0].replace("Small left", "Lungs are clear."), *TEXTS[1:]], padding=True, return_tensors="pt")
+    status = torch.where(entity >= 0, 1, -2)
+    status[0, 7:9] = 0  # the second mention of report 0 is negated
+    words = torch.full((B, L), -1)
+    for i in range(B):
+        ids = enc.word_ids(i)
+        words[i] = torch.tensor([-1 if w is None else w for w in ids])
     return {
         "image": torch.randn(B, 1, 32, 32, generator=g),
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
         "token_entity": entity,
+        "token_status": status,
+        "word_index": words,
         "labels": labels,
         "swap_input_ids": swap["input_ids"],
         "swap_attention_mask": swap["attention_mask"],
@@ -114,18 +122,21 @@ def test_every_named_config_gives_finite_loss_terms_and_gradients(name, batch):
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is None or torch.isfinite(g).all() for g in grads.values())
     # the towers and heads of every enabled term are trained
-    trained = {n.split(".")[0] for n, g in grads.items() if g is not None and g.abs().sum() > 0}
-    assert {"image_tower", "text_tower", "image_proj", "text_proj", "logit_scale"} <= trained
+    trained = {".".join(n.split(".")[:4 if n.startswith("objective.terms") else 2 if n.startswith("objective")
+                                     else 1]) for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert {"image_tower", "text_tower", "image_proj", "text_proj"} <= trained
+    # the baselines keep their papers' fixed temperature
+    assert ("logit_scale" in trained) == model.config.model.learn_temperature
     if "local" in terms:
-        assert {"image_local_proj", "text_local_proj"} <= trained
+        assert {"objective.terms.local.image_proj", "objective.terms.local.text_proj"} <= trained
     if "category" in terms:
-        assert "prototypes" in trained
+        assert "objective.terms.category.prototypes" in trained
     if "itm" in terms:
-        assert {"fusion", "itm_head"} <= trained
+        assert {"objective.fusion", "objective.terms.itm.head"} <= trained
     if "swap" in terms:
-        assert {"fusion", "swap_head"} <= trained
+        assert {"objective.fusion", "objective.terms.swap.head"} <= trained
     if lc.local == "mlip" and lc.knowledge_fusion:
-        assert "knowledge_proj" in trained
+        assert "objective.terms.local.knowledge_proj" in trained
 
 
 def test_momentum_encoder_gets_no_gradient_and_moves_by_the_ema_rule(batch):
@@ -143,6 +154,7 @@ def test_momentum_encoder_gets_no_gradient_and_moves_by_the_ema_rule(batch):
     assert all(p.grad is None for m in model._momentum_modules() for p in m.parameters())
     opt.step()
     before = {id(pm): pm.detach().clone() for m in model._momentum_modules() for pm in m.parameters()}
+    model.num_updates.fill_(10_000)  # past the warm-up: the configured rate
     model.momentum_update()
     m = model.config.model.momentum
     largest_move = 0.0
@@ -155,6 +167,91 @@ def test_momentum_encoder_gets_no_gradient_and_moves_by_the_ema_rule(batch):
     # BatchNorm running statistics follow the online tower exactly
     for b, bm in zip(model.image_tower.buffers(), model.image_tower_m.buffers()):
         assert torch.equal(b, bm)
+
+
+def test_momentum_rate_warms_up_then_holds_the_configured_rate():
+    model = MLIP(small("mlip_no_knowledge_fusion"), entity_embeddings(), prototype_entities=[0])
+    m = model.config.model.momentum
+    rates = [model.momentum_rate(t) for t in (0, 10, 100, 10_000)]
+    assert rates[0] == pytest.approx(0.1) and rates[1] == pytest.approx(11 / 20)
+    assert rates == sorted(rates) and rates[-1] == m
+    model.config.model.momentum_warmup = False
+    assert model.momentum_rate(0) == m
+    model.momentum_update()
+    assert int(model.num_updates) == 1  # counted with the model, so a resumed run continues the warm-up
+
+
+def test_features_are_named_and_the_objective_sums_them_with_weights(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0]).eval()
+    with torch.no_grad():
+        f = model.features(batch)
+        assert {"image_global", "text_global", "image_global_m", "text_global_m", "logit_scale", "image_patches",
+                "text_tokens", "attention_mask"} <= set(f)
+        model.objective.weights["swap"] = 0.0
+        out = model(batch)
+    total = sum(model.objective.weights[t] * out[f"loss_{t}"] for t in model.objective.weights)
+    assert torch.allclose(out["loss"], total)
+
+
+def test_precomputed_text_features_give_the_same_loss_as_the_frozen_tower(batch):
+    from mlip_core.model.encoders import precompute_text_features
+
+    torch.manual_seed(0)
+    cfg = small("mlip")
+    cfg.model.text.freeze_layers = cfg.model.text.tiny_layers
+    model = MLIP(cfg, entity_embeddings(), prototype_entities=[0])
+    assert model.text_tower.frozen
+    model.train()
+    assert not model.text_tower.training  # a frozen tower adds no dropout noise
+    feats = precompute_text_features(model.text_tower, batch)
+    cached = dict(batch, **feats)
+    torch.manual_seed(1)
+    a = model(batch)
+    torch.manual_seed(1)
+    b = model(cached)
+    for key in ("loss_global", "loss_local", "loss_category", "loss_itm", "loss"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_albef_alpha_warms_up_over_the_first_epoch():
+    from mlip_core.objective import GlobalTerm, Progress
+
+    term = GlobalTerm(named_config("mlip").loss)
+    a = named_config("mlip").loss.soft_alpha
+    assert term.alpha(Progress(0, 100)) == 0.0
+    assert term.alpha(Progress(50, 100)) == pytest.approx(a / 2)
+    assert term.alpha(Progress(250, 100)) == pytest.approx(a)
+    assert GlobalTerm(named_config("convirt").loss).alpha(Progress(250, 100)) == 0.0
+
+
+def test_mgca_prototypes_are_frozen_during_the_first_epoch(batch):
+    from mlip_core.objective import Progress
+
+    torch.manual_seed(0)
+    assert named_config("mgca").model.num_free_prototypes == 500
+    model = MLIP(small("mgca"))
+    protos = model.objective.terms["category"].prototypes
+    model.steps_per_epoch = 10
+    model(batch)["loss"].backward()
+    assert protos.grad is None
+    model.zero_grad()
+    model.num_updates.fill_(10)
+    model(batch)["loss"].backward()
+    assert protos.grad is not None and protos.grad.abs().sum() > 0
+    assert isinstance(Progress(5, 10).epoch_fraction, float)
+
+
+def test_frozen_image_stages_get_no_gradient_and_keep_batchnorm_statistics():
+    tower = ImageTower(ImageTowerConfig(name="resnet18", image_size=32, frozen_stages=2)).train()
+    stats = tower.backbone.layer1[0].bn1.running_mean.clone()
+    out = tower(torch.randn(4, 1, 32, 32))
+    (out.global_.sum() + out.patches.sum()).backward()
+    assert tower.backbone.conv1.weight.grad is None and tower.backbone.layer2[0].conv1.weight.grad is None
+    assert tower.backbone.layer3[0].conv1.weight.grad is not None
+    assert torch.equal(tower.backbone.layer1[0].bn1.running_mean, stats)
+    with pytest.raises(ValueError, match="stages"):
+        ImageTower(ImageTowerConfig(name="resnet18", image_size=32, frozen_stages=9))
 
 
 def test_model_loss_is_invariant_to_batch_permutation(batch):
@@ -173,27 +270,49 @@ def test_swap_branch_reuses_features_of_unaltered_reports_exactly(batch):
     model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0]).eval()
     with torch.no_grad():
         tokens = model.text_tower(batch["input_ids"], batch["attention_mask"]).tokens
-        fast = model.encode_swap_tokens(batch, batch["input_ids"], batch["attention_mask"], tokens)
+        fast = model.encode_swap_tokens(batch, tokens)
         full = model.text_tower(batch["swap_input_ids"], batch["swap_attention_mask"]).tokens
     valid = batch["swap_attention_mask"].bool()
     assert torch.allclose(fast[valid], full[valid], atol=1e-5)
     # a row labelled unaltered whose text differs is still re-encoded
     lying = dict(batch, swap_label=torch.zeros(4, dtype=torch.long))
     with torch.no_grad():
-        again = model.encode_swap_tokens(lying, batch["input_ids"], batch["attention_mask"], tokens)
+        again = model.encode_swap_tokens(lying, tokens)
     assert torch.allclose(again[valid], full[valid], atol=1e-5)
 
 
-def test_knowledge_fusion_changes_only_entity_tokens(batch):
+def test_knowledge_fusion_changes_only_entity_tokens_and_respects_negation(batch):
     torch.manual_seed(0)
     model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0])
+    local = model.objective.terms["local"]
     tokens = torch.randn(*batch["input_ids"].shape, D_TINY)
-    fused = model.fuse_knowledge(tokens, batch["token_entity"])
+    fused = local.fuse_knowledge(tokens, batch["token_entity"], batch["token_status"], model.entity_embeddings)
     has = batch["token_entity"] >= 0
     assert torch.equal(fused[~has], tokens[~has])
     assert not torch.allclose(fused[has], tokens[has])
     # two tokens of the same entity receive the same knowledge vector
     assert torch.allclose(fused[0, 1] - tokens[0, 1], fused[0, 2] - tokens[0, 2], atol=1e-6)
+    # the negated mention (tokens 7-8 of report 0, entity 1) gets the "negated" status vector, not entity 1's
+    knowledge = local.knowledge_proj(model.entity_embeddings)
+    added = fused[0, 7] - tokens[0, 7]
+    assert torch.allclose(added, local.status_embedding.weight[0], atol=1e-6)
+    assert not torch.allclose(added, knowledge[1], atol=1e-3)
+    # the same mention asserted positive receives entity 1's knowledge
+    positive = batch["token_status"].clone()
+    positive[0, 7:9] = 1
+    as_positive = local.fuse_knowledge(tokens, batch["token_entity"], positive, model.entity_embeddings)
+    assert torch.allclose(as_positive[0, 7] - tokens[0, 7], knowledge[1], atol=1e-6)
+
+
+def test_negated_mentions_are_not_up_weighted_in_the_local_loss(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0])
+    local = model.objective.terms["local"]
+    words = local_token_mask(batch["attention_mask"])
+    w = local.word_weights({}, batch, words)
+    kw = model.config.loss.knowledge_token_weight
+    # report 0: tokens 1-2 positive (weight kw), tokens 7-8 negated (weight 1), as are plain words
+    assert torch.allclose(w[0, 1] / w[0, 3], torch.tensor(kw)) and torch.allclose(w[0, 7], w[0, 3])
 
 
 def test_prototypes_start_at_the_knowledge_embeddings_through_the_text_head():
@@ -202,8 +321,9 @@ def test_prototypes_start_at_the_knowledge_embeddings_through_the_text_head():
     model = MLIP(small("mlip"), ent, prototype_entities=[4, 1])
     with torch.no_grad():
         expected = F.normalize(model.text_proj(ent[[4, 1]]), dim=-1)
-    assert model.prototypes.shape == (2 + 4, 16)
-    assert torch.allclose(model.prototypes[:2], expected, atol=1e-6)
+    prototypes = model.objective.terms["category"].prototypes
+    assert prototypes.shape == (2 + 4, 16)
+    assert torch.allclose(prototypes[:2], expected, atol=1e-6)
 
 
 def test_knowledge_configs_without_entity_embeddings_fail_with_a_fix():

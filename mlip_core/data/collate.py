@@ -7,7 +7,9 @@ Items are dicts ``{"image": (1,H,W), "text": str, "labels": (14,), "study_id": i
 (see ``mlip_core/data/mimic.py``). The batch holds ``image`` (B,1,H,W), ``input_ids``,
 ``attention_mask``, ``token_entity``, ``token_status`` (B,L), ``labels`` (B,14) (CheXpert convention,
 NaN for blank), ``study_id``, ``index`` (B,) and, when ``swap_prob > 0``, the text-swap pairs
-``swap_input_ids``, ``swap_attention_mask`` (B,L') and ``swap_label`` (B,) with 1 = report altered.
+``swap_input_ids``, ``swap_attention_mask`` (B,L') and ``swap_label`` (B,) with 1 = report altered; with
+``word_index`` the (B,L) word of each token; items that carry a frozen text tower's precomputed outputs
+(``text_tokens``, ``text_sentence``, ``text_cls_attention``) have them stacked.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ except ImportError:  # pragma: no cover - reports.py ships with the package
     def split_sentences(text: str) -> list[str]:
         """Sentences of a report (a small regex splitter)."""
         return [s.strip() for s in _SENT.split(text or "") if s.strip()]
+
+
+PRECOMPUTED_TEXT_KEYS = ("text_tokens", "text_sentence", "text_cls_attention")
 
 
 def _norm(sentence: str) -> str:
@@ -52,6 +57,7 @@ class PretrainCollator:
         swap_prob: float = 0.5,
         padding: str = "longest",
         generator: torch.Generator | None = None,
+        word_index: bool = False,
     ) -> None:
         if not 0.0 <= swap_prob <= 1.0:
             raise ValueError(f"swap_prob={swap_prob} must be in [0, 1]")
@@ -61,6 +67,7 @@ class PretrainCollator:
         self.swap_prob = swap_prob
         self.padding = padding
         self.generator = generator
+        self.word_index = word_index
         self.stats = {"reports": 0, "swapped": 0, "swap_drawn_but_no_candidate": 0}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -150,6 +157,15 @@ class PretrainCollator:
             "token_status": torch.full_like(none, -2),
         }
 
+    def word_indices(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B,L) index of the word each token belongs to (GLoRIA aggregates word pieces), -1 for special tokens
+        and padding; the same tokenisation as ``encode``."""
+        enc = self.tokenizer(list(texts), max_length=self.max_length, truncation=True, padding=self.padding)
+        length = len(enc["input_ids"][0])
+        rows = [[-1 if w is None else w for w in enc.word_ids(i)] + [-1] * (length - len(enc.word_ids(i)))
+                for i in range(len(texts))]
+        return torch.tensor(rows, dtype=torch.long)
+
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """A list of dataset items -> the pretraining batch (see module docstring)."""
         if not items:
@@ -164,6 +180,11 @@ class PretrainCollator:
         for key in ("study_id", "index"):
             if key in items[0]:
                 batch[key] = torch.tensor([int(it[key]) for it in items], dtype=torch.long)
+        for key in PRECOMPUTED_TEXT_KEYS:  # a frozen text tower's outputs, computed once per dataset
+            if key in items[0]:
+                batch[key] = torch.stack([torch.as_tensor(it[key]) for it in items])
+        if self.word_index:
+            batch["word_index"] = self.word_indices(texts)
         self.stats["reports"] += len(items)
         if self.swap_prob > 0:
             swapped, label = self.swap_texts(texts)

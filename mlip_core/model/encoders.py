@@ -34,11 +34,13 @@ class ImageFeatures:
 
 @dataclass
 class TextFeatures:
-    """Output of a text tower: ``sentence`` (B,Dt), ``tokens`` (B,L,Dt), ``attention_mask`` (B,L)."""
+    """Output of a text tower: ``sentence`` (B,Dt), ``tokens`` (B,L,Dt), ``attention_mask`` (B,L) and, when
+    asked for, ``cls_attention`` (B,L): the last layer's [CLS]->token attention, averaged over heads."""
 
     sentence: Tensor
     tokens: Tensor
     attention_mask: Tensor
+    cls_attention: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +146,33 @@ class ImageTower(nn.Module):
             levels = len(self.backbone.feature_info)
             self._level = cfg.patch_level % levels
             self.patch_dim = self.backbone.feature_info[self._level]["num_chs"]
+        self._frozen: list[nn.Module] = []
+        if cfg.frozen_stages:
+            self.freeze_stages(cfg.frozen_stages)
+
+    def freeze_stages(self, num_stages: int) -> None:
+        """Freeze the stem and the first ``num_stages`` stages (ResNet ``layerK``, EfficientNet ``blocks[K]``):
+        no gradient, BatchNorm kept in eval mode. Autograd then runs no backward through them."""
+        b = self.backbone
+        if hasattr(b, "conv_stem") and hasattr(b, "blocks"):
+            stem, stages = [b.conv_stem, b.bn1], list(b.blocks)
+        elif hasattr(b, "layer1"):
+            stem, stages = [b.conv1, b.bn1], [getattr(b, f"layer{i}") for i in range(1, 5) if hasattr(b, f"layer{i}")]
+        else:
+            raise ValueError(f"frozen_stages is implemented for timm ResNets and EfficientNets, not {self.cfg.name}")
+        if num_stages > len(stages):
+            raise ValueError(f"frozen_stages={num_stages} but {self.cfg.name} has {len(stages)} stages")
+        self._frozen = [*stem, *stages[:num_stages]]
+        for module in self._frozen:
+            module.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> ImageTower:
+        """Frozen stages stay in eval mode (their BatchNorm statistics are part of the frozen weights)."""
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
 
     def forward(self, x: Tensor) -> ImageFeatures:
         """(B,1,H,W) -> global (B,Dg), patches (B,h*w,Dp)."""
@@ -229,6 +258,15 @@ class TextTower(nn.Module):
         if cfg.freeze_layers:
             self.freeze(cfg.freeze_layers)
 
+    @property
+    def frozen(self) -> bool:
+        """Every weight frozen: the tower is a fixed function of the report (runs in eval mode, no dropout)."""
+        return not any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode: bool = True) -> TextTower:
+        """A wholly frozen tower stays in eval mode: a frozen feature extractor adds no dropout noise."""
+        return super().train(mode and not self.frozen)
+
     def freeze(self, num_layers: int) -> None:
         """Freeze the embeddings and the first ``num_layers`` transformer layers."""
         layers = self.encoder.encoder.layer
@@ -238,12 +276,43 @@ class TextTower(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
-        """(B,L) ids and mask -> sentence (B,Dt), tokens (B,L,Dt)."""
-        tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, cls_attention: bool = False) -> TextFeatures:
+        """(B,L) ids and mask -> sentence (B,Dt), tokens (B,L,Dt) [, cls_attention (B,L)]."""
+        if cls_attention and getattr(self.encoder.config, "_attn_implementation", "eager") != "eager":
+            self.encoder.set_attn_implementation("eager")  # sdpa kernels return no attention weights
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_attentions=cls_attention)
+        tokens = out.last_hidden_state
         if self.cfg.pooling == "cls":
             sentence = tokens[:, 0]
         else:
             m = attention_mask.unsqueeze(-1).to(tokens.dtype)
             sentence = (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return TextFeatures(sentence, tokens, attention_mask)
+        cls = out.attentions[-1][:, :, 0, :].mean(1) if cls_attention else None  # (B, L)
+        return TextFeatures(sentence, tokens, attention_mask, cls)
+
+
+@torch.no_grad()
+def precompute_text_features(tower: TextTower, encoded: dict[str, Tensor], chunk: int = 64,
+                             progress: bool = False) -> dict[str, Tensor]:
+    """Encode every report once with a wholly frozen tower, in fixed chunks (the same numbers on every run):
+    ``encoded`` holds ``input_ids``/``attention_mask`` (N,L) padded to one length -> ``text_tokens`` (N,L,Dt),
+    ``text_sentence`` (N,Dt), ``text_cls_attention`` (N,L), all float32 on the CPU."""
+    if not tower.frozen:
+        raise ValueError("precompute_text_features needs a wholly frozen text tower (freeze_layers = all layers)")
+    was = tower.training
+    tower.eval()
+    device = next(tower.parameters()).device
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    out: dict[str, list[Tensor]] = {"text_tokens": [], "text_sentence": [], "text_cls_attention": []}
+    starts = range(0, ids.shape[0], chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="encoding reports once", leave=False)
+    for s in starts:
+        f = tower(ids[s:s + chunk].to(device), mask[s:s + chunk].to(device), cls_attention=True)
+        out["text_tokens"].append(f.tokens.float().cpu())
+        out["text_sentence"].append(f.sentence.float().cpu())
+        out["text_cls_attention"].append(f.cls_attention.float().cpu())
+    tower.train(was)
+    return {k: torch.cat(v) for k, v in out.items()}

@@ -1,5 +1,6 @@
-"""MLIP: towers, projection heads, divergence encoder, knowledge prototypes, fusion head — one model
-class whose config decides which terms are trained (ConVIRT, GLoRIA, MGCA and the ablations included).
+"""MLIP: towers, global projection heads, the divergence encoder — the model returns named features; the
+loss terms live in :mod:`mlip_core.objective` (built from the config), so ConVIRT, GLoRIA, MGCA and the
+ablations are configurations of the same code.
 
     cfg = named_config("mlip")
     tokenizer = build_tokenizer(cfg.model.text)
@@ -7,9 +8,11 @@ class whose config decides which terms are trained (ConVIRT, GLoRIA, MGCA and th
     model = MLIP(cfg, ent, prototype_entities=[graph.entity_ids.index(i) for i in graph.finding_ids])
     out = model(batch); out["loss"].backward(); opt.step(); model.momentum_update()
 
+``model.features(batch)`` gives the named features; ``model(batch)`` = ``model.objective(features, batch)``.
 Batch keys (see mlip_core/data/collate.py): ``image`` (B,1,H,W), ``input_ids``/``attention_mask``/
-``token_entity`` (B,L), ``labels`` (B,14) CheXpert convention (positives are ==1), and for text swap
-``swap_input_ids``/``swap_attention_mask`` (B,L') and ``swap_label`` (B,).
+``token_entity``/``token_status`` (B,L), ``labels`` (B,14) CheXpert convention (positives are ==1), for text
+swap ``swap_input_ids``/``swap_attention_mask`` (B,L') and ``swap_label`` (B,), and, with a wholly frozen text
+tower, the precomputed ``text_tokens`` (B,L,Dt), ``text_sentence`` (B,Dt), ``text_cls_attention`` (B,L).
 """
 
 from __future__ import annotations
@@ -20,67 +23,18 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlip_core.config import Config, LossConfig
-from mlip_core.losses import (
-    CategoryLoss,
-    GloriaLocalLoss,
-    GlobalContrastiveLoss,
-    LocalAlignmentLoss,
-    itm_loss,
-    local_token_weights,
-    mine_hard_negatives,
-    same_finding_set,
-    swap_loss,
-)
 from mlip_core.model.encoders import ImageTower, TextTower
+from mlip_core.objective import Dims, Progress, ProjectionHead, build_objective, local_token_mask
 from mlip_core.paths import workspace
 
-
-class ProjectionHead(nn.Sequential):
-    """Two-layer MLP (ConVIRT's projection): (..., in) -> (..., out)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
-
-
-class FusionHead(nn.Module):
-    """Report tokens attend to image patches (self- then cross-attention, as ALBEF's fusion encoder,
-    much smaller): tokens (B,L,Dt), mask (B,L), patches (B,P,Dp) -> fused first token (B,F)."""
-
-    def __init__(self, text_dim: int, image_dim: int, dim: int, layers: int, heads: int) -> None:
-        super().__init__()
-        self.text_in = nn.Linear(text_dim, dim)
-        self.image_in = nn.Linear(image_dim, dim)
-        self.layers = nn.ModuleList(
-            nn.TransformerDecoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True)
-            for _ in range(layers)
-        )
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, tokens: Tensor, attention_mask: Tensor, patches: Tensor, projected: bool = False) -> Tensor:
-        """See class docstring; with ``projected`` the inputs already went through text_in / image_in
-        (project B samples once, then index them into the 3B ITM pairs)."""
-        x = tokens if projected else self.text_in(tokens)
-        memory = patches if projected else self.image_in(patches)
-        pad = ~attention_mask.bool()
-        for layer in self.layers:
-            x = layer(x, memory, tgt_key_padding_mask=pad)
-        return self.norm(x[:, 0])
-
-
-def local_token_mask(attention_mask: Tensor) -> Tensor:
-    """(B,L) attention mask -> (B,L) bool mask of word tokens: [CLS] (first) and [SEP] (last valid) off."""
-    mask = attention_mask.bool().clone()
-    lengths = mask.sum(1)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    mask[:, 0] = False
-    mask[rows, (lengths - 1).clamp_min(0)] = False
-    return mask
+__all__ = ["MLIP", "ProjectionHead", "embed_entities", "local_token_mask"]
 
 
 class MLIP(nn.Module):
@@ -112,38 +66,20 @@ class MLIP(nn.Module):
             self.logit_scale = nn.Parameter(init_scale)
         else:
             self.register_buffer("logit_scale", init_scale)
-
         if entity_embeddings is not None:
             self.register_buffer("entity_embeddings", entity_embeddings.detach().float().clone(), persistent=True)
         else:
             self.entity_embeddings = None
+        # Optimizer steps taken (saved with the model, so warm-ups resume exactly); the trainer sets the epoch length.
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.steps_per_epoch = 0
 
-        self.global_loss = GlobalContrastiveLoss(lc.soft_alpha if lc.divergence else 0.0, lc.knowledge_negatives)
-
-        if lc.local != "none":
-            self.image_local_proj = ProjectionHead(self.image_tower.patch_dim, mc.local_proj_hidden_dim, d)
-            self.text_local_proj = ProjectionHead(self.text_tower.hidden_dim, mc.local_proj_hidden_dim, d)
-            if lc.local == "gloria":
-                self.local_loss = GloriaLocalLoss(lc.gloria_temp1, lc.gloria_temp2, lc.gloria_temp3)
-            else:
-                self.local_loss = LocalAlignmentLoss(lc.local_temperature)
-        if lc.local == "mlip" and lc.knowledge_fusion:
-            self.knowledge_proj = nn.Linear(self.entity_embeddings.shape[1], self.text_tower.hidden_dim)
-
-        if lc.category:
-            self.prototypes = nn.Parameter(self._init_prototypes(lc, mc.num_free_prototypes, d, prototype_entities))
-            self.category_loss = CategoryLoss(
-                lc.proto_temperature, lc.sinkhorn_epsilon, lc.sinkhorn_iterations, lc.supcon, lc.supcon_temperature
-            )
-
-        if lc.itm or lc.swap:
-            self.fusion = FusionHead(
-                self.text_tower.hidden_dim, self.image_tower.patch_dim, mc.fusion_dim, mc.fusion_layers, mc.fusion_heads
-            )
-            if lc.itm:
-                self.itm_head = nn.Linear(mc.fusion_dim, 2)
-            if lc.swap:
-                self.swap_head = nn.Linear(mc.fusion_dim, 1)
+        dims = Dims(text=self.text_tower.hidden_dim, patch=self.image_tower.patch_dim, embed=d,
+                    local_hidden=mc.local_proj_hidden_dim, fusion=mc.fusion_dim, fusion_layers=mc.fusion_layers,
+                    fusion_heads=mc.fusion_heads)
+        self.objective = build_objective(
+            config, dims, entity_embeddings,
+            prototype_init=lambda: self._init_prototypes(lc, mc.num_free_prototypes, d, prototype_entities))
 
         # The divergence encoder: an EMA copy of both towers and global heads, never trained by gradient.
         if lc.divergence:
@@ -211,21 +147,32 @@ class MLIP(nn.Module):
             zip([self.image_tower, self.text_tower, self.image_proj, self.text_proj], self._momentum_modules())
         )
 
+    def momentum_rate(self, step: int | None = None) -> float:
+        """The EMA rate at optimizer step ``step`` (default: steps done): ``m``, or with ``momentum_warmup``
+        ``min(m, (1 + t) / (10 + t))``."""
+        m = self.config.model.momentum
+        t = int(self.num_updates) if step is None else step
+        return min(m, (1.0 + t) / (10.0 + t)) if self.config.model.momentum_warmup else m
+
     @torch.no_grad()
     def momentum_update(self, momentum: float | None = None) -> None:
-        """EMA step of the divergence encoder, after each optimizer step: p_m <- m*p_m + (1-m)*p
-        (buffers such as BatchNorm statistics are copied). No-op without a divergence encoder."""
+        """After each optimizer step: count it, and take the EMA step of the divergence encoder,
+        p_m <- m*p_m + (1-m)*p (buffers such as BatchNorm statistics are copied)."""
+        m = self.momentum_rate() if momentum is None else momentum
+        self.num_updates += 1
         if not self.config.loss.divergence:
             return
-        m = self.config.model.momentum if momentum is None else momentum
         online, mom = [], []
         for a, b in self._momentum_pairs():
-            online += [p.detach() for p in a.parameters()]
-            mom += list(b.parameters())
+            for p, p_m in zip(a.parameters(), b.parameters()):
+                if p.requires_grad:  # frozen weights are equal in both copies and stay so
+                    online.append(p.detach())
+                    mom.append(p_m)
             for buf, buf_m in zip(a.buffers(), b.buffers()):
                 buf_m.copy_(buf)
         # p_m + (1-m)(p - p_m) = m p_m + (1-m) p, one multi-tensor kernel (as timm's ModelEmaV3)
-        torch._foreach_lerp_(mom, online, 1.0 - m)
+        if mom:
+            torch._foreach_lerp_(mom, online, 1.0 - m)
 
     # -----------------------------------------------------------------------------------------
     def temperature(self) -> Tensor:
@@ -240,43 +187,72 @@ class MLIP(nn.Module):
         z = self.image_proj(self.image_tower(x).global_)
         return F.normalize(z, dim=-1) if normalize else z
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, normalize: bool = True) -> Tensor:
-        """(B,L) ids and mask -> (B,d) global report embedding."""
-        z = self.text_proj(self.text_tower(input_ids, attention_mask).sentence)
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, normalize: bool = True,
+                    sentence: Tensor | None = None) -> Tensor:
+        """(B,L) ids and mask -> (B,d) global report embedding (``sentence``: precomputed tower output)."""
+        if sentence is None:
+            sentence = self.text_tower(input_ids, attention_mask).sentence
+        z = self.text_proj(sentence)
         return F.normalize(z, dim=-1) if normalize else z
 
-    def fuse_knowledge(self, tokens: Tensor, token_entity: Tensor) -> Tensor:
-        """(B,L,Dt) token features + (B,L) entity index (-1 none) -> tokens with their entity's projected
-        knowledge embedding added (tokens without an entity unchanged)."""
-        has = token_entity >= 0
-        table = self.knowledge_proj(self.entity_embeddings)  # (E, Dt): project E rows, not B*L tokens
-        know = table[token_entity.clamp_min(0)]  # (B, L, Dt)
-        return tokens + know * has.unsqueeze(-1).to(tokens.dtype)
+    def encode_batch_text(self, batch: dict[str, Tensor], normalize: bool = True) -> Tensor:
+        """The batch's report embeddings, from precomputed tower features when the batch carries them."""
+        return self.encode_text(batch["input_ids"], batch["attention_mask"], normalize, batch.get("text_sentence"))
 
-    def local_features(self, tokens: Tensor, token_entity: Tensor | None, patches: Tensor) -> tuple[Tensor, Tensor]:
-        """Token (B,L,Dt) and patch (B,P,Dp) features -> normalised local embeddings (B,L,d), (B,P,d)."""
-        lc = self.config.loss
-        if lc.local == "mlip" and lc.knowledge_fusion:
-            if token_entity is None:
-                raise KeyError("the mlip local loss with knowledge fusion needs batch['token_entity'] (B,L)")
-            tokens = self.fuse_knowledge(tokens, token_entity)
-        return F.normalize(self.text_local_proj(tokens), dim=-1), F.normalize(self.image_local_proj(patches), dim=-1)
+    def _text_features(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(sentence (B,Dt), tokens (B,L,Dt), cls_attention (B,L) or None) of the batch's reports."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if "text_tokens" in batch:
+            if not self.text_tower.frozen:
+                raise ValueError("the batch carries precomputed text features but the text tower trains; "
+                                 "precompute only for a wholly frozen tower")
+            L = ids.shape[1]
+            cls = batch.get("text_cls_attention")
+            return batch["text_sentence"], batch["text_tokens"][:, :L], None if cls is None else cls[:, :L]
+        want_cls = self.config.loss.local_word_weights == "cls_attention" and self.config.loss.local != "none"
+        txt = self.text_tower(ids, mask, cls_attention=want_cls)
+        return txt.sentence, txt.tokens, txt.cls_attention
 
-    def encode_swap_tokens(self, batch: dict[str, Tensor], ids: Tensor, mask: Tensor, tokens: Tensor) -> Tensor:
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """Named features of a batch: ``image_global``/``text_global`` (B,d) normalised, their momentum
+        versions ``*_m`` (or None), ``logit_scale`` (), ``image_patches`` (B,P,Dp), ``patch_grid``,
+        ``text_tokens`` (B,L,Dt), ``text_cls_attention`` (B,L) or None, ``attention_mask`` (B,L)."""
+        image = batch["image"]
+        img = self.image_tower(image)
+        sentence, tokens, cls = self._text_features(batch)
+        f: dict[str, Any] = {
+            "image_global": F.normalize(self.image_proj(img.global_), dim=-1),
+            "text_global": F.normalize(self.text_proj(sentence), dim=-1),
+            "logit_scale": self._scale(),
+            "image_patches": img.patches, "patch_grid": img.grid,
+            "text_tokens": tokens, "text_cls_attention": cls, "attention_mask": batch["attention_mask"],
+            "image_global_m": None, "text_global_m": None,
+        }
+        if self.config.loss.divergence:
+            with torch.no_grad():
+                f["image_global_m"] = F.normalize(self.image_proj_m(self.image_tower_m(image).global_), dim=-1)
+                # A wholly frozen text tower equals its momentum copy: reuse its output.
+                s_m = sentence if self.text_tower.frozen else \
+                    self.text_tower_m(batch["input_ids"], batch["attention_mask"]).sentence
+                f["text_global_m"] = F.normalize(self.text_proj_m(s_m), dim=-1)
+        return f
+
+    def encode_swap_tokens(self, batch: dict[str, Tensor], tokens: Tensor, with_grad: bool = False) -> Tensor:
         """Token features (B,L',Dt) of the swap reports. Rows whose swap text is the original report
-        (same ids) reuse the online tower's features instead of a second forward pass; only altered
-        reports are encoded (without gradient unless ``loss.swap_text_grad``)."""
+        (same ids) reuse the batch's token features instead of a second forward pass; only altered
+        reports are encoded (without gradient unless ``with_grad``)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         s_ids, s_mask = batch["swap_input_ids"], batch["swap_attention_mask"]
         B, Ls = s_ids.shape
         n = min(Ls, ids.shape[1])
         same = (s_mask[:, n:].sum(1) == 0) & (mask[:, n:].sum(1) == 0) & (s_mask[:, :n] == mask[:, :n]).all(1)
         same &= ((s_ids[:, :n] == ids[:, :n]) | (s_mask[:, :n] == 0)).all(1)
         out = tokens.new_zeros(B, Ls, tokens.shape[-1])
-        reuse = tokens[:, :n] if self.config.loss.swap_text_grad else tokens[:, :n].detach()
+        reuse = tokens[:, :n] if with_grad else tokens[:, :n].detach()
         out[:, :n] = torch.where(same[:, None, None], reuse, out[:, :n])
         todo = (~same).nonzero().squeeze(1)
         if todo.numel():
-            grad = torch.enable_grad() if self.config.loss.swap_text_grad else torch.no_grad()
+            grad = torch.enable_grad() if with_grad and not self.text_tower.frozen else torch.no_grad()
             with grad:
                 enc = self.text_tower(s_ids[todo], s_mask[todo]).tokens
             out = out.index_copy(0, todo, enc.to(out.dtype))
@@ -284,86 +260,19 @@ class MLIP(nn.Module):
 
     @torch.no_grad()
     def local_attention(self, batch: dict[str, Tensor]) -> Tensor:
-        """(B,L,P) token-to-patch attention of the local loss (for figures); padding rows are zero."""
-        img = self.image_tower(batch["image"])
-        txt = self.text_tower(batch["input_ids"], batch["attention_mask"])
-        t, v = self.local_features(txt.tokens, batch.get("token_entity"), img.patches)
+        """(B,L,P) token-to-patch attention of the local term (for figures); padding rows are zero."""
+        local = self.objective.terms["local"]
+        f = self.features(batch)
+        t, v = local.embed(f, batch, self)
         attn = torch.softmax(t @ v.transpose(1, 2) / self.config.loss.local_temperature, dim=-1)
         return attn * local_token_mask(batch["attention_mask"]).unsqueeze(-1)
 
     # -----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A batch -> {"loss": weighted total, "loss_<term>" per enabled term, diagnostics}."""
-        lc = self.config.loss
-        image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
-        labels = batch.get("labels")
-        token_entity = batch.get("token_entity")
-        B = image.shape[0]
-
-        img = self.image_tower(image)
-        txt = self.text_tower(ids, mask)
-        img_g = F.normalize(self.image_proj(img.global_), dim=-1)
-        txt_g = F.normalize(self.text_proj(txt.sentence), dim=-1)
-        scale = self._scale()
-        out: dict[str, Tensor] = {"temperature": (1.0 / scale).detach()}
-        terms: dict[str, tuple[float, Tensor]] = {}
-
-        img_m = txt_m = None
-        if lc.divergence:
-            with torch.no_grad():
-                img_m = F.normalize(self.image_proj_m(self.image_tower_m(image).global_), dim=-1)
-                txt_m = F.normalize(self.text_proj_m(self.text_tower_m(ids, mask).sentence), dim=-1)
-        g = self.global_loss(img_g, txt_g, scale, img_m, txt_m, labels)
-        terms["global"] = (lc.weight_global, g.pop("loss"))
-        out.update({f"global_{k}": v.detach() for k, v in g.items()})
-
-        if lc.local != "none":
-            t_loc, v_loc = self.local_features(txt.tokens, token_entity, img.patches)
-            words = local_token_mask(mask)
-            if lc.local == "gloria":
-                loc = self.local_loss(t_loc, v_loc, words)
-            else:
-                kw = lc.knowledge_token_weight if lc.local == "mlip" else 1.0
-                weights = local_token_weights(words, token_entity, kw)
-                loc = self.local_loss(t_loc, v_loc, words, weights)
-                loc.pop("attention")
-            terms["local"] = (lc.weight_local, loc.pop("loss"))
-            out.update({f"local_{k}": v.detach() for k, v in loc.items()})
-
-        if lc.category:
-            protos = F.normalize(self.prototypes, dim=-1)
-            cat = self.category_loss(img_g, txt_g, protos, labels)
-            terms["category"] = (lc.weight_category, cat.pop("loss"))
-            out.update({f"category_{k}": v.detach() for k, v in cat.items()})
-
-        if lc.itm and B > 1:
-            with torch.no_grad():
-                sim = img_g @ txt_g.T
-                exclude = same_finding_set(labels) if (lc.knowledge_negatives and labels is not None) else None
-            neg_text, neg_image = mine_hard_negatives(sim, exclude)
-            t_in, v_in = self.fusion.text_in(txt.tokens), self.fusion.image_in(img.patches)
-            tokens = torch.cat([t_in, t_in[neg_text], t_in])
-            tmask = torch.cat([mask, mask[neg_text], mask])
-            patches = torch.cat([v_in, v_in, v_in[neg_image]])
-            logits = self.itm_head(self.fusion(tokens, tmask, patches, projected=True))
-            target = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
-            itm = itm_loss(logits, target)
-            terms["itm"] = (lc.weight_itm, itm.pop("loss"))
-            out["itm_acc"] = itm["acc"]
-
-        if lc.swap:
-            if "swap_input_ids" not in batch:
-                raise KeyError("config has loss.swap on but the batch has no swap_input_ids; use PretrainCollator")
-            swap_tokens = self.encode_swap_tokens(batch, ids, mask, txt.tokens)
-            logit = self.swap_head(self.fusion(swap_tokens, batch["swap_attention_mask"], img.patches)).squeeze(-1)
-            sw = swap_loss(logit, batch["swap_label"])
-            terms["swap"] = (lc.weight_swap, sw.pop("loss"))
-            out["swap_acc"] = sw["acc"]
-
-        total = sum(w * v for w, v in terms.values())
-        out["loss"] = total
-        for name, (_, v) in terms.items():
-            out[f"loss_{name}"] = v
+        """A batch -> {"loss": weighted total, "loss_<term>" per enabled term, diagnostics, "temperature"}."""
+        f = self.features(batch)
+        out = self.objective(f, batch, self, Progress(int(self.num_updates), self.steps_per_epoch))
+        out["temperature"] = (1.0 / f["logit_scale"]).detach()
         return out
 
 

@@ -1,0 +1,382 @@
+"""The pretraining objective: one module per loss term, built from the config, summed in one place.
+
+The shape follows open_clip (``src/open_clip/task/clip_task.py`` and ``factory.create_loss``): the model
+returns named features (:meth:`mlip_core.model.mlip.MLIP.features`), each term turns features and batch into
+``{"loss": scalar, <diagnostics>}``, and :class:`Objective` sums ``weight * loss`` over the enabled terms.
+A term owns the parameters only it uses (local projection heads, knowledge projection, prototypes, the ITM and
+swap classifiers); the cross-attention fusion encoder that ITM and text swapping share lives here too.
+
+Adding a term touches this module and the config only: a :class:`Term` subclass, its switch in
+:func:`enabled_terms` and its builder in :func:`build_objective`; ``weight_<name>`` and its options in
+:class:`mlip_core.config.LossConfig`.
+
+    objective = build_objective(config, dims, entity_embeddings, prototype_init)
+    out = objective(features, batch, model)     # {"loss", "loss_global", "global_acc_i2t", ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlip_core.config import Config, LossConfig
+from mlip_core.losses import (
+    CategoryLoss,
+    GloriaLocalLoss,
+    GlobalContrastiveLoss,
+    LocalAlignmentLoss,
+    MGCALocalLoss,
+    aggregate_wordpieces,
+    clipped_attention_weights,
+    itm_loss,
+    local_token_weights,
+    mine_hard_negatives,
+    same_finding_set,
+    swap_loss,
+)
+
+# token_status codes written by KnowledgeExtractor.encode
+POSITIVE, NEGATIVE, UNCERTAIN, NO_STATUS = 1, 0, -1, -2
+
+
+@dataclass
+class Dims:
+    """Feature widths the heads need: text hidden, patch, embedding, fusion."""
+
+    text: int
+    patch: int
+    embed: int
+    local_hidden: int
+    fusion: int
+    fusion_layers: int
+    fusion_heads: int
+
+
+class ProjectionHead(nn.Sequential):
+    """Two-layer MLP (ConVIRT's projection): (..., in) -> (..., out)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+
+class FusionHead(nn.Module):
+    """Report tokens attend to image patches (self- then cross-attention, as ALBEF's fusion encoder,
+    much smaller): tokens (B,L,Dt), mask (B,L), patches (B,P,Dp) -> fused first token (B,F)."""
+
+    def __init__(self, text_dim: int, image_dim: int, dim: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.text_in = nn.Linear(text_dim, dim)
+        self.image_in = nn.Linear(image_dim, dim)
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor, patches: Tensor, projected: bool = False) -> Tensor:
+        """See class docstring; with ``projected`` the inputs already went through text_in / image_in
+        (project B samples once, then index them into the 3B ITM pairs)."""
+        x = tokens if projected else self.text_in(tokens)
+        memory = patches if projected else self.image_in(patches)
+        pad = ~attention_mask.bool()
+        for layer in self.layers:
+            x = layer(x, memory, tgt_key_padding_mask=pad)
+        return self.norm(x[:, 0])
+
+
+def local_token_mask(attention_mask: Tensor) -> Tensor:
+    """(B,L) attention mask -> (B,L) bool mask of word tokens: [CLS] (first) and [SEP] (last valid) off."""
+    mask = attention_mask.bool().clone()
+    lengths = mask.sum(1)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    mask[:, 0] = False
+    mask[rows, (lengths - 1).clamp_min(0)] = False
+    return mask
+
+
+@dataclass
+class Progress:
+    """Where training is: optimizer steps done and steps per epoch (0 = unknown, e.g. outside the trainer)."""
+
+    step: int = 0
+    steps_per_epoch: int = 0
+
+    @property
+    def epoch_fraction(self) -> float:
+        """Epochs done, as a float; 1.0 when the epoch length is unknown (no warm-up then)."""
+        return self.step / self.steps_per_epoch if self.steps_per_epoch > 0 else float("inf")
+
+
+class Term(nn.Module):
+    """One loss term: ``forward(features, batch, ctx) -> {"loss": (), <diagnostics>}``."""
+
+    name = ""
+    uses_fusion = False
+
+    def forward(self, f: dict[str, Any], batch: dict[str, Tensor], ctx: Context) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+@dataclass
+class Context:
+    """What a term may use besides features and batch: the model (towers, for re-encoding swapped texts), the
+    shared fusion encoder, and the training progress."""
+
+    model: nn.Module
+    fusion: FusionHead | None
+    progress: Progress
+
+
+# ---------------------------------------------------------------------------------------------
+# The terms
+
+
+class GlobalTerm(Term):
+    """Image-report InfoNCE; soft targets from the divergence encoder with ALBEF's alpha warm-up; knowledge
+    guard on negatives (see :class:`mlip_core.losses.GlobalContrastiveLoss`)."""
+
+    name = "global"
+
+    def __init__(self, lc: LossConfig) -> None:
+        super().__init__()
+        self.lc = lc
+        self.loss = GlobalContrastiveLoss(lc.soft_alpha if lc.divergence else 0.0, lc.knowledge_negatives,
+                                          i2t_weight=lc.global_i2t_weight)
+
+    def alpha(self, progress: Progress) -> float:
+        """ALBEF (Pretrain.py): ``alpha * min(1, i / len(loader))`` in the first epoch."""
+        a = self.lc.soft_alpha if self.lc.divergence else 0.0
+        return a * min(1.0, progress.epoch_fraction) if self.lc.alpha_warmup else a
+
+    def forward(self, f, batch, ctx):
+        out = self.loss(f["image_global"], f["text_global"], f["logit_scale"], f.get("image_global_m"),
+                        f.get("text_global_m"), batch.get("labels"), alpha=self.alpha(ctx.progress))
+        return out
+
+
+class LocalTerm(Term):
+    """Token-patch alignment: MLIP's token-knowledge-patch loss, MGCA's two-way token loss, or GLoRIA's
+    word-region attention, on local projections of the tower features.
+
+    Knowledge fusion respects the extractor's status: a token of a *positive* mention gets its entity's
+    projected knowledge embedding (and ``knowledge_token_weight``); a token of a negated or uncertain mention
+    gets a learned status embedding instead (one vector for "negated", one for "uncertain"), so "no pleural
+    effusion" is not pulled toward the image evidence of an effusion, and keeps weight 1.
+    """
+
+    name = "local"
+
+    def __init__(self, lc: LossConfig, dims: Dims, entity_embeddings: Tensor | None) -> None:
+        super().__init__()
+        self.lc = lc
+        if lc.local not in ("mlip", "mgca", "gloria"):
+            raise ValueError(f"loss.local={lc.local!r}; choose none, mlip, mgca or gloria")
+        if lc.local_word_weights not in ("knowledge", "uniform", "cls_attention"):
+            raise ValueError(f"loss.local_word_weights={lc.local_word_weights!r}; choose knowledge, uniform or "
+                             "cls_attention")
+        self.image_proj = ProjectionHead(dims.patch, dims.local_hidden, dims.embed)
+        self.text_proj = ProjectionHead(dims.text, dims.local_hidden, dims.embed)
+        self.fuse = lc.local == "mlip" and lc.knowledge_fusion
+        if self.fuse:
+            if entity_embeddings is None:
+                raise ValueError("loss.knowledge_fusion needs entity_embeddings")
+            self.knowledge_proj = nn.Linear(entity_embeddings.shape[1], dims.text)
+            self.status_embedding = nn.Embedding(2, dims.text)  # 0 negated, 1 uncertain
+            nn.init.normal_(self.status_embedding.weight, std=0.02)
+        if lc.local == "gloria":
+            self.loss = GloriaLocalLoss(lc.gloria_temp1, lc.gloria_temp2, lc.gloria_temp3)
+        elif lc.local_patch_direction:  # MGCA's two directions; a CNN tower weights patches uniformly
+            self.loss = MGCALocalLoss(lc.local_temperature, patch_direction=True)
+        else:
+            self.loss = LocalAlignmentLoss(lc.local_temperature)
+
+    def fuse_knowledge(self, tokens: Tensor, token_entity: Tensor, token_status: Tensor | None,
+                       entity_embeddings: Tensor) -> Tensor:
+        """(B,L,Dt) tokens + (B,L) entity (-1 none) and status -> tokens with knowledge added (see class doc)."""
+        positive = token_entity >= 0
+        if token_status is not None:
+            positive = positive & (token_status == POSITIVE)
+        table = self.knowledge_proj(entity_embeddings)  # (E, Dt): project E rows, not B*L tokens
+        know = table[token_entity.clamp_min(0)] * positive.unsqueeze(-1).to(tokens.dtype)
+        if token_status is not None:
+            negated = (token_entity >= 0) & (token_status == NEGATIVE)
+            uncertain = (token_entity >= 0) & (token_status == UNCERTAIN)
+            know = know + negated.unsqueeze(-1).to(tokens.dtype) * self.status_embedding.weight[0] \
+                + uncertain.unsqueeze(-1).to(tokens.dtype) * self.status_embedding.weight[1]
+        return tokens + know
+
+    def positive_entities(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """(B,L) entity index of tokens in *positive* mentions, -1 elsewhere."""
+        ent = batch.get("token_entity")
+        if ent is None:
+            return None
+        status = batch.get("token_status")
+        return ent if status is None else torch.where(status == POSITIVE, ent, torch.full_like(ent, -1))
+
+    def embed(self, f: dict[str, Any], batch: dict[str, Tensor], model: nn.Module) -> tuple[Tensor, Tensor]:
+        """Local embeddings: tokens (B,L,d), patches (B,P,d); L2-normalised except for GLoRIA (its attention
+        reads raw dot products)."""
+        tokens = f["text_tokens"]
+        if self.fuse:
+            if "token_entity" not in batch:
+                raise KeyError("the mlip local loss with knowledge fusion needs batch['token_entity'] (B,L)")
+            tokens = self.fuse_knowledge(tokens, batch["token_entity"], batch.get("token_status"),
+                                         model.entity_embeddings)
+        t, v = self.text_proj(tokens), self.image_proj(f["image_patches"])
+        if self.lc.local == "gloria":
+            return t, v
+        return F.normalize(t, dim=-1), F.normalize(v, dim=-1)
+
+    def word_weights(self, f: dict[str, Any], batch: dict[str, Tensor], words: Tensor) -> Tensor:
+        mode = self.lc.local_word_weights
+        if mode == "cls_attention":
+            attn = f.get("text_cls_attention")
+            if attn is None:
+                raise KeyError("local_word_weights='cls_attention' needs the text tower's [CLS] attention")
+            return clipped_attention_weights(attn.float(), words)
+        kw = self.lc.knowledge_token_weight if mode == "knowledge" else 1.0
+        return local_token_weights(words, self.positive_entities(batch) if mode == "knowledge" else None, kw)
+
+    def forward(self, f, batch, ctx):
+        t, v = self.embed(f, batch, ctx.model)
+        words = local_token_mask(f["attention_mask"])
+        if self.lc.local == "gloria":
+            if "word_index" not in batch:
+                raise KeyError("the gloria local loss needs batch['word_index'] (PretrainCollator(word_index=True))")
+            w, wmask = aggregate_wordpieces(t, batch["word_index"])
+            out = self.loss(w, v, wmask)
+        else:
+            out = self.loss(t, v, words, self.word_weights(f, batch, words))
+        out.pop("attention", None)
+        return out
+
+
+class CategoryTerm(Term):
+    """Prototype swapped prediction (+ SupCon on report labels); prototypes from knowledge and/or free ones,
+    frozen during the first ``freeze_prototypes_epochs`` epochs (MGCA)."""
+
+    name = "category"
+
+    def __init__(self, lc: LossConfig, prototypes: Tensor) -> None:
+        super().__init__()
+        self.lc = lc
+        self.prototypes = nn.Parameter(prototypes)
+        self.loss = CategoryLoss(lc.proto_temperature, lc.sinkhorn_epsilon, lc.sinkhorn_iterations, lc.supcon,
+                                 lc.supcon_temperature)
+
+    def forward(self, f, batch, ctx):
+        protos = F.normalize(self.prototypes, dim=-1)
+        if ctx.progress.epoch_fraction < self.lc.freeze_prototypes_epochs:
+            protos = protos.detach()
+        return self.loss(f["image_global"], f["text_global"], protos, batch.get("labels"))
+
+
+class ITMTerm(Term):
+    """Image-text matching on the fusion encoder with hard negatives drawn from ``softmax(sim / tau)`` (ALBEF,
+    with the global temperature), excluding reports with the same positive finding set (knowledge guard)."""
+
+    name = "itm"
+    uses_fusion = True
+
+    def __init__(self, lc: LossConfig, dims: Dims) -> None:
+        super().__init__()
+        self.lc = lc
+        self.head = nn.Linear(dims.fusion, 2)
+
+    def forward(self, f, batch, ctx):
+        img, txt = f["image_global"], f["text_global"]
+        B = img.shape[0]
+        if B < 2:
+            return {"loss": img.sum() * 0.0}
+        labels = batch.get("labels")
+        with torch.no_grad():
+            sim = img @ txt.T
+            exclude = same_finding_set(labels) if (self.lc.knowledge_negatives and labels is not None) else None
+            tau = float(1.0 / f["logit_scale"].detach())
+        neg_text, neg_image = mine_hard_negatives(sim, exclude, temperature=tau)
+        fusion = ctx.fusion
+        mask = f["attention_mask"]
+        t_in, v_in = fusion.text_in(f["text_tokens"]), fusion.image_in(f["image_patches"])
+        tokens = torch.cat([t_in, t_in[neg_text], t_in])
+        tmask = torch.cat([mask, mask[neg_text], mask])
+        patches = torch.cat([v_in, v_in, v_in[neg_image]])
+        logits = self.head(fusion(tokens, tmask, patches, projected=True))
+        target = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+        return itm_loss(logits, target)
+
+
+class SwapTerm(Term):
+    """Text swapping: was a finding sentence of the report replaced by one from another report?"""
+
+    name = "swap"
+    uses_fusion = True
+
+    def __init__(self, lc: LossConfig, dims: Dims) -> None:
+        super().__init__()
+        self.lc = lc
+        self.head = nn.Linear(dims.fusion, 1)
+
+    def forward(self, f, batch, ctx):
+        if "swap_input_ids" not in batch:
+            raise KeyError("config has loss.swap on but the batch has no swap_input_ids; use PretrainCollator")
+        tokens = ctx.model.encode_swap_tokens(batch, f["text_tokens"], self.lc.swap_text_grad)
+        logit = self.head(ctx.fusion(tokens, batch["swap_attention_mask"], f["image_patches"])).squeeze(-1)
+        return swap_loss(logit, batch["swap_label"])
+
+
+def enabled_terms(lc: LossConfig) -> list[str]:
+    """Names of the terms a loss config switches on, in summation order."""
+    on = {"global": True, "local": lc.local != "none", "category": lc.category, "itm": lc.itm, "swap": lc.swap}
+    return [name for name, flag in on.items() if flag]
+
+
+class Objective(nn.Module):
+    """The enabled terms and their weights; ``forward`` returns ``loss`` (the weighted sum), ``loss_<term>``
+    per term and each term's diagnostics as ``<term>_<key>``."""
+
+    def __init__(self, terms: dict[str, Term], weights: dict[str, float], fusion: FusionHead | None) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict(terms)
+        self.weights = dict(weights)
+        self.fusion = fusion
+
+    def forward(self, f: dict[str, Any], batch: dict[str, Tensor], model: nn.Module,
+                progress: Progress | None = None) -> dict[str, Tensor]:
+        ctx = Context(model=model, fusion=self.fusion, progress=progress or Progress())
+        out: dict[str, Tensor] = {}
+        total = None
+        for name, term in self.terms.items():
+            res = term(f, batch, ctx)
+            loss = res.pop("loss")
+            out[f"loss_{name}"] = loss
+            out.update({f"{name}_{k}": v.detach() for k, v in res.items() if torch.is_tensor(v)})
+            weighted = self.weights[name] * loss
+            total = weighted if total is None else total + weighted
+        out["loss"] = total
+        return out
+
+
+def build_objective(config: Config, dims: Dims, entity_embeddings: Tensor | None,
+                    prototype_init: Callable[[], Tensor] | None = None) -> Objective:
+    """The :class:`Objective` of ``config.loss`` (open_clip's ``create_loss``). ``prototype_init`` returns the
+    (K,d) initial prototypes when the category term is on."""
+    lc = config.loss
+    names = enabled_terms(lc)
+    builders: dict[str, Callable[[], Term]] = {
+        "global": lambda: GlobalTerm(lc),
+        "local": lambda: LocalTerm(lc, dims, entity_embeddings),
+        "category": lambda: CategoryTerm(lc, prototype_init()),
+        "itm": lambda: ITMTerm(lc, dims),
+        "swap": lambda: SwapTerm(lc, dims),
+    }
+    terms = {name: builders[name]() for name in names}
+    weights = {name: float(getattr(lc, f"weight_{name}")) for name in names}
+    fusion = None
+    if any(t.uses_fusion for t in terms.values()):
+        fusion = FusionHead(dims.text, dims.patch, dims.fusion, dims.fusion_layers, dims.fusion_heads)
+    return Objective(terms, weights, fusion)
