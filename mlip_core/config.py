@@ -262,6 +262,48 @@ def named_config(name: str) -> Config:
     raise ValueError(f"unknown config name {name!r}; choose one of {known}")
 
 
+# The flat parameters of the pretraining chapters (a notebook's parameters cell, the trainer CLI, the training
+# benchmark) and where each lives in the nested config: the one mapping, written once.
+PRETRAIN_PARAMETERS: dict[str, str] = {
+    "image_tower": "model.image.name",
+    "image_pretrained": "model.image.pretrained",
+    "image_size": "model.image.image_size",
+    "frozen_stages": "model.image.frozen_stages",
+    "text_tower": "model.text.name",
+    "text_allow_download": "model.text.allow_download",
+    "max_length": "model.text.max_length",
+    "freeze_text_layers": "model.text.freeze_layers",
+    "batch_size": "train.batch_size",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "lr": "train.lr",
+    "tower_lr_scale": "train.tower_lr_scale",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay",
+    "checkpoint_every": "train.checkpoint_every",
+    "num_workers": "train.num_workers",
+    "seed": "train.seed",
+    "deterministic": "train.deterministic",
+    "progress": "train.progress",
+}
+
+
+def pretrain_config(name: str, **params: Any) -> Config:
+    """``named_config(name)`` with flat parameters (keys of :data:`PRETRAIN_PARAMETERS`) set; an unknown
+    key is an error naming the known ones."""
+    cfg = named_config(name)
+    unknown = sorted(set(params) - set(PRETRAIN_PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown pretraining parameter(s) {unknown}; known: {sorted(PRETRAIN_PARAMETERS)}")
+    for key, value in params.items():
+        *path, leaf = PRETRAIN_PARAMETERS[key].split(".")
+        obj: Any = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value)
+    return cfg
+
+
 def all_config_names() -> list[str]:
     """Every name :func:`named_config` accepts."""
     return list(BASELINES) + [f"mlip_no_{p}" for p in ABLATION_PARTS]

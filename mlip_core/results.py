@@ -3,8 +3,8 @@
 One row per (method, task, fraction, seed, metric) with its value:
 
     rows = [{"method": "mlip", "task": "chexpert", "fraction": 0.01, "seed": 0, "metric": "auroc", "value": 0.81}, ...]
-    write_results(rows, "06_transfer_classification")
-    summary = mean_std(read_results("06_transfer_classification"))      # mean, std (ddof=1), n seeds
+    write_results(rows, "07_classification")
+    summary = mean_std(read_results("07_classification"))      # mean, std (ddof=1), n seeds
     compare(summary, "mlip", "convirt", "chexpert", 0.01, "auroc")      # {"diff", "spread", "exceeds"}
 
 Tables and claims in the prose are then computed from these files, never typed.

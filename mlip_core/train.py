@@ -982,6 +982,18 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
             "collate_fn": collate, "tokenizer": tokenizer, "graph": graph}
 
 
+def run_folder(config: Any, root: str | os.PathLike | None = None) -> Path:
+    """``ROOT/<name>_<hash of the whole config>`` (ROOT defaults to ``workspace("runs", "pretrain")``): a new
+    folder whenever a setting changes, the same one (so ``resume="auto"`` reuses the run) when none does."""
+    import hashlib
+
+    from mlip_core.config import config_to_dict
+    from mlip_core.paths import workspace
+
+    key = hashlib.sha1(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root if root is not None else workspace("runs", "pretrain")) / f"{config.name}_{key}"
+
+
 def train(
     config: Any,
     data_dir: str | os.PathLike | None = None,

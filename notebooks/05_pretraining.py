@@ -50,6 +50,7 @@ configs = "convirt,mlip"  # comma-separated named configs (see mlip_core.config.
 image_tower = "resnet18"  # timm model name (single-channel input)
 image_pretrained = ""  # "" random init, or "efficientnet_lite0_package": shipped ImageNet weights (tf_efficientnet_lite0)
 image_size = 128
+frozen_stages = 0  # freeze the stem and the first N stages of the image tower (CNNs; speed on CPU)
 text_tower = "minilm"  # minilm: MiniLM-L6 shipped offline; tiny: a small random BERT; or a Hub name
 text_allow_download = False  # only the full profile (Bio_ClinicalBERT from the Hub) sets this
 max_length = 64  # report tokens
@@ -67,7 +68,6 @@ seed = 0
 deterministic = True
 
 # %%
-import json
 import math
 from pathlib import Path
 
@@ -75,11 +75,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from mlip_core.config import config_to_dict, named_config
+from mlip_core.config import pretrain_config
 from mlip_core.data.mimic import load_mimic_pairs
 from mlip_core.notebook import setup
 from mlip_core.paths import workspace
-from mlip_core.train import load_image_tower_export, train
+from mlip_core.train import load_image_tower_export, run_folder, train
 
 device = setup(seed, deterministic=deterministic)
 print(f"device: {device}")
@@ -130,33 +130,25 @@ print(example["text"][:600])
 
 
 # %%
+params = dict(image_tower=image_tower, image_pretrained=image_pretrained, image_size=image_size,
+              frozen_stages=frozen_stages, text_tower=text_tower, text_allow_download=text_allow_download,
+              max_length=max_length, freeze_text_layers=freeze_text_layers, batch_size=batch_size, epochs=epochs,
+              max_steps=max_steps, lr=lr, tower_lr_scale=tower_lr_scale, warmup_ratio=warmup_ratio,
+              weight_decay=weight_decay, checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed,
+              deterministic=deterministic)
+
+
 def make_config(name: str):
-    """The named config with this notebook's parameters."""
-    cfg = named_config(name)
-    cfg.model.image.name, cfg.model.image.image_size = image_tower, image_size
-    cfg.model.image.pretrained = image_pretrained
-    cfg.model.text.name, cfg.model.text.max_length = text_tower, max_length
-    cfg.model.text.freeze_layers, cfg.model.text.allow_download = freeze_text_layers, text_allow_download
-    tc = cfg.train
-    tc.batch_size, tc.epochs, tc.max_steps, tc.lr = batch_size, epochs, max_steps, lr
-    tc.tower_lr_scale = tower_lr_scale
-    tc.warmup_ratio, tc.weight_decay, tc.checkpoint_every = warmup_ratio, weight_decay, checkpoint_every
-    tc.num_workers, tc.seed, tc.deterministic = num_workers, seed, deterministic
-    return cfg
-
-
-def run_folder(cfg) -> Path:
-    """runs/pretrain/<name>_<hash of the config>: a new folder whenever a setting changes."""
-    import hashlib
-
-    key = hashlib.sha1(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
-    return workspace("runs", "pretrain", f"{cfg.name}_{key}")
+    """The named config with this notebook's parameters (the one mapping: mlip_core.config.pretrain_config)."""
+    return pretrain_config(name, **params)
 
 
 results = {}
 for name in configs.split(","):
     cfg = make_config(name)
     results[name] = train(cfg, data_dir=world, run_dir=run_folder(cfg), resume="auto")
+    if frozen_stages:
+        print(f"{name}: stem and first {frozen_stages} stages of the image tower frozen at their ImageNet weights")
 
 # %% [markdown]
 # ## Loss curves, term by term

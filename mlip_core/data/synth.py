@@ -99,6 +99,7 @@ class _StudyPlan:
     study_date: int
     study_time: float
     iu: IUReport | None = None
+    prior: dict | None = None  # finding prior of template reports (None: reportgen.PRIOR)
 
 
 @dataclass
@@ -159,7 +160,7 @@ def _render_study(plan: _StudyPlan, out: str, image_size: int, seed: int, jpeg_q
         indication, comparison = plan.iu.indication, plan.iu.comparison
         f_text, i_text = plan.iu.findings, plan.iu.impression
     else:
-        findings = sample_findings(rng)
+        findings = sample_findings(rng, plan.prior)
         gen = generate_report(findings, rng)
         findings = gen.present
         source, uid = "template", ""
@@ -265,11 +266,14 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 def write_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_size: int = 224,
                 report_source: str = "iu", images_per_study: int = 1, studies_per_subject: float = 1.5,
                 split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), jpeg_quality: int = 95,
-                workers: int = 1, progress: bool = False) -> WorldSummary:
+                workers: int = 1, progress: bool = False, finding_prior: dict[str, float] | None = None
+                ) -> WorldSummary:
     """Write the offline world to ``out_dir`` (MIMIC-CXR-JPG layout + ``synth/`` ground truth).
 
     ``report_source``: "iu" (real IU reports, template ones beyond the 3,8xx usable), "template" (all
     generated) or "mixed" (half each). ``workers`` > 1 renders in processes; the files are identical.
+    ``finding_prior``: probability of each finding in template studies (default ``reportgen.PRIOR``); a
+    transfer world raises rare findings' so that its test split holds enough positives to measure.
     """
     if num_studies < 1:
         raise ValueError(f"num_studies must be >= 1, got {num_studies}")
@@ -286,6 +290,14 @@ def write_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_s
     for sub in ("files", "synth/masks", "synth/anatomy"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     plans, skipped = _plan(num_studies, seed, report_source, images_per_study, studies_per_subject, split_fractions)
+    if finding_prior is not None:
+        from mlip_core.data.reportgen import PRIOR
+
+        unknown = sorted(set(finding_prior) - set(PRIOR))
+        if unknown:
+            raise ValueError(f"finding_prior names unknown findings {unknown}; known: {sorted(PRIOR)}")
+        for plan in plans:
+            plan.prior = dict(finding_prior)
     args = (str(out), image_size, seed, jpeg_quality)
     iterator = None
     if workers > 1:
@@ -327,6 +339,8 @@ def write_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_s
               "report_source": report_source, "images_per_study": images_per_study,
               "studies_per_subject": studies_per_subject, "split_fractions": list(split_fractions),
               "jpeg_quality": jpeg_quality}
+    if finding_prior is not None:
+        params["finding_prior"] = dict(sorted(finding_prior.items()))
     recorded = {k: v for k, v in asdict(summary).items() if k not in ("out_dir", "seconds")}  # path-free
     (out / "synth" / "world.json").write_text(json.dumps({"parameters": params, "summary": recorded},
                                                          indent=2, sort_keys=True) + "\n")
@@ -361,7 +375,7 @@ def ensure_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_
     wanted = {"world_version": WORLD_VERSION, "num_studies": num_studies, "seed": seed, "image_size": image_size}
     have = world_parameters(out)
     defaults = {"report_source": "iu", "images_per_study": 1, "studies_per_subject": 1.5,
-                "split_fractions": [0.8, 0.1, 0.1], "jpeg_quality": 95}
+                "split_fractions": [0.8, 0.1, 0.1], "jpeg_quality": 95, "finding_prior": None}
     defaults.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
                      if k not in ("workers", "progress")})
     wanted.update(defaults)

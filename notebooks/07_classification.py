@@ -198,6 +198,18 @@ for name in [e.name for e in encoders[1:]]:
                          else f"NOT above the raw-pixel floor at {', '.join(below)}"))
 table.round(3)
 
+# %% [markdown]
+# The same numbers as data: one row per encoder, label fraction and label draw, in the book's long format
+# (`workspace/results/07_classification.csv`; the macro AUROC over the scored labels).
+
+# %%
+from mlip_core.results import write_results  # noqa: E402
+
+tidy = (results.dropna(subset=["auroc"]).groupby(["encoder", "fraction", "seed"])["auroc"].mean().reset_index()
+        .rename(columns={"encoder": "method", "auroc": "value"}).assign(task=f"linear_probe_{dataset_tag}",
+                                                                          metric="macro_AUROC"))
+print("results ->", write_results(tidy[["method", "task", "fraction", "seed", "metric", "value"]], "07_classification"))
+
 # %%
 fig, ax = plt.subplots(figsize=(7, 4.2))
 per_seed = (results.dropna(subset=["auroc"]).groupby(["encoder", "fraction", "seed"])["auroc"].mean()

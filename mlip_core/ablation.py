@@ -1,0 +1,135 @@
+"""The ablation study: named configs trained on the same data with the same budget and seeds, then measured
+the same way (held-out retrieval and linear probes on a transfer world), as tidy result rows.
+
+    runs = train_grid(["convirt", "mlip", "mlip_no_itm"], seeds=[0, 1, 2], params=flat, data_dir=world)
+    rows = retrieval_rows(runs)                                   # method, task, fraction, seed, metric, value
+    rows += probe_rows(runs, task, masks)                         # linear probe, macro AUROC per fraction
+
+Chapter ``06_ablations`` calls these; ``mlip_core.results`` writes and summarises the rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mlip_core.config import pretrain_config
+
+log = logging.getLogger(__name__)
+
+# The data of the offline *transfer* world (rendered apart from the pretraining world, as CheXpert is apart from
+# MIMIC-CXR): template studies with every finding frequent enough that a test split of a few hundred images holds
+# >= 50 positives of each scored label.
+TRANSFER_PRIOR: dict[str, float] = {
+    "cardiomegaly": 0.16, "effusion": 0.14, "opacity": 0.14, "consolidation": 0.12, "pneumonia": 0.06,
+    "atelectasis": 0.14, "nodule": 0.08, "mass": 0.06, "pneumothorax": 0.14, "edema": 0.12, "fracture": 0.12,
+    "device": 0.12, "granuloma": 0.04, "enlarged_cardiomediastinum": 0.12, "pleural_thickening": 0.1,
+    "hyperinflation": 0.04, "hypoinflation": 0.04, "scoliosis": 0.03, "elevated_diaphragm": 0.02,
+}
+
+
+def train_grid(names: Sequence[str], seeds: Iterable[int], params: dict[str, Any], data_dir: str | os.PathLike,
+               root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Train every (config, seed) with the flat ``params`` (see :data:`mlip_core.config.PRETRAIN_PARAMETERS`;
+    ``seed`` is set per run) and return one row per run: ``config, seed, run_dir, export, steps, train_s``
+    (seconds of optimizer steps, summed from the metrics log) and the final validation retrieval (``i2t_R@K``,
+    ``t2i_R@K``). A run folder is named by its config's hash, so finished runs are read back, not retrained."""
+    from mlip_core.train import run_folder, train
+
+    rows = []
+    for name in names:
+        for seed in seeds:
+            cfg = pretrain_config(name, **{**params, "seed": int(seed)})
+            t0 = time.perf_counter()
+            res = train(cfg, data_dir=data_dir, run_dir=run_folder(cfg, root), resume="auto")
+            val = res.val_history[-1] if res.val_history else {}
+            rows.append({"config": name, "seed": int(seed), "run_dir": str(res.run_dir),
+                         "export": str(res.export_path) if res.export_path else "", "steps": res.steps,
+                         "train_s": float(sum(r.get("time_s", 0.0) for r in res.history)),
+                         "wall_s": time.perf_counter() - t0,
+                         **{k: float(v) for k, v in val.items() if "R@" in k}})
+    return pd.DataFrame(rows)
+
+
+def retrieval_rows(runs: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)) -> list[dict[str, Any]]:
+    """Long-format result rows of the runs' final validation retrieval (task ``retrieval_i2t`` /
+    ``retrieval_t2i``, metric ``R@K`` in percent, fraction NaN: no labels are involved)."""
+    rows = []
+    for rec in runs.to_dict("records"):  # not itertuples: "i2t_R@10" is no identifier
+        for direction in ("i2t", "t2i"):
+            for k in ks:
+                key = f"{direction}_R@{k}"
+                if key in rec and not pd.isna(rec[key]):
+                    rows.append({"method": rec["config"], "task": f"retrieval_{direction}", "fraction": np.nan,
+                                 "seed": int(rec["seed"]), "metric": f"R@{k}", "value": float(rec[key])})
+    return rows
+
+
+def probe_rows(runs: pd.DataFrame, task: Any, masks: dict[tuple[float, int], np.ndarray],
+               cache_root: str | os.PathLike, feature_dir: str | os.PathLike, Cs: Sequence[float] = (0.01,),
+               batch_size: int = 64, device: str = "cpu", extra_encoders: Sequence[Any] = ()
+               ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """Linear probes of every run's exported image tower on ``task`` (a transfer
+    :class:`mlip_core.transfer.classify.ClassificationTask`) at each label fraction of ``masks``.
+
+    Each pretraining seed's probe AUROC is averaged over the same label draws (the masks' seeds), so the spread
+    over rows of one config is the spread over *pretraining* seeds. ``extra_encoders`` (e.g. random and ImageNet
+    init, seed 0) are probed alike. Returns (rows: task ``linear_probe``, metric ``macro_AUROC``; the per-label
+    probe table of every encoder)."""
+    from mlip_core.transfer.classify import encoder_features, encoder_from_export, probe_sweep
+
+    paths = task.df["image_path"].tolist()
+    encoders = [(e.name, 0, e) for e in extra_encoders]
+    encoders += [(r.config, int(r.seed), encoder_from_export(f"{r.config}_seed{r.seed}", r.export))
+                 for r in runs.itertuples(index=False)]
+    rows, tables = [], []
+    for method, seed, enc in encoders:
+        feats, valid, _ = encoder_features(enc, paths, cache_root, feature_dir, batch_size=batch_size, device=device)
+        if not valid.all():
+            raise RuntimeError(f"{(~valid).sum()} transfer images could not be decoded; see the image cache skips")
+        per_label = probe_sweep(feats, task, masks, Cs=Cs, encoder=enc.name)
+        per_label.insert(0, "method", method)
+        per_label["pretrain_seed"] = seed
+        tables.append(per_label)
+        scored = per_label.dropna(subset=["auroc"])
+        by_fraction = scored.groupby(["fraction", "seed"])["auroc"].mean().groupby("fraction").mean()
+        for fraction, value in by_fraction.items():
+            rows.append({"method": method, "task": "linear_probe", "fraction": float(fraction), "seed": seed,
+                         "metric": "macro_AUROC", "value": float(value)})
+    return rows, pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def differences_vs(summary: pd.DataFrame, reference: str, task: str, metric: str,
+                   fraction: float | None = None) -> pd.DataFrame:
+    """Each method's mean minus ``reference``'s on one (task, metric, fraction) of a
+    :func:`mlip_core.results.mean_std` table, with the spread (std_a + std_b) and whether the difference
+    exceeds it."""
+    from mlip_core.results import compare
+
+    sel = summary[(summary["task"] == task) & (summary["metric"] == metric)]
+    if fraction is not None:
+        sel = sel[np.isclose(sel["fraction"].astype(float), fraction)]
+    out = []
+    for method in sel["method"].unique():
+        if method == reference:
+            continue
+        c = compare(summary, method, reference, task, fraction if fraction is not None else np.nan, metric)
+        out.append({"method": method, "vs": reference, **c})
+    return pd.DataFrame(out)
+
+
+def write_run_table(runs: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """The runs table as CSV (run folders and exports, for the chapters that read the towers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    runs.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,296 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Ablations: what each part of MLIP does
+#
+# **What you will learn.** How MLIP compares with the three baselines it builds on — ConVIRT (global
+# contrastive only), GLoRIA (+ word–region attention) and MGCA (+ two-way token alignment and prototypes) —
+# and what happens to MLIP when each of its parts is taken away: the divergence (momentum) encoder, the
+# knowledge guard on negatives, the token–knowledge–patch alignment, the knowledge fusion, the category-level
+# term, image–text matching and text swapping. Every row is trained on the same offline world, with the same
+# towers, budget and seeds, and measured the same way: held-out retrieval, and linear probes with 1% and 10%
+# of the labels on a *transfer* world rendered apart from the pretraining one.
+#
+# **What it needs.** The offline world of chapter `01_offline_world` (and nothing else: each row is trained
+# here; the run folders are named by a hash of the whole configuration, so a re-run reads finished runs back).
+#
+# **How long it takes.** The runner prints each chapter's time; with the `ci` profile on two CPU cores this
+# chapter is the longest of the book (33 short pretraining runs and 35 encoders probed). The `smoke` profile
+# runs it in about a minute on a tiny world; the `gpu` and `full` profiles scale the same grid up.
+#
+# **How to read it.** Each row is repeated with three seeds (the seed changes the initial heads, the data order
+# and the augmentation). A difference between two rows means something only when it is larger than the seeds'
+# spread; the tables below say, for every comparison, whether it is.
+
+# %% tags=["parameters"]
+configs = "convirt,gloria,mgca,mlip,mlip_no_divergence,mlip_no_knowledge_negatives,mlip_no_local,mlip_no_knowledge_fusion,mlip_no_category,mlip_no_itm,mlip_no_swap"
+seeds = "0,1,2"
+image_tower = "tf_efficientnet_lite0"
+image_pretrained = "efficientnet_lite0_package"
+image_size = 96
+frozen_stages = 3  # stem and first 3 EfficientNet stages keep their ImageNet weights (CPU budget)
+text_tower = "minilm"
+text_allow_download = False
+max_length = 48
+freeze_text_layers = 6  # all of MiniLM: its outputs are computed once per world and reused by every run
+batch_size = 32
+epochs = 1
+max_steps = 0
+lr = 0.001
+tower_lr_scale = 1.0
+warmup_ratio = 0.1
+weight_decay = 0.05
+transfer_studies = 2400  # the transfer world, rendered apart from the pretraining world
+transfer_image_size = 128
+transfer_seed = 1
+label_fractions = "0.01,0.1"
+fraction_seeds = 3
+probe_C = 0.01
+batch_size_features = 64
+seed = 0
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from myst_nb import glue
+
+from mlip_core.ablation import TRANSFER_PRIOR, differences_vs, probe_rows, retrieval_rows, train_grid, write_run_table
+from mlip_core.data.synth import ensure_world
+from mlip_core.notebook import setup
+from mlip_core.paths import workspace
+from mlip_core.results import mean_std, write_results
+from mlip_core.transfer.classify import Encoder, fraction_masks, offline_world_task
+
+device = setup(seed)
+names = [n.strip() for n in configs.split(",") if n.strip()]
+seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+fractions = [float(f) for f in label_fractions.split(",") if f.strip()]
+params = dict(image_tower=image_tower, image_pretrained=image_pretrained, image_size=image_size,
+              frozen_stages=frozen_stages, text_tower=text_tower, text_allow_download=text_allow_download,
+              max_length=max_length, freeze_text_layers=freeze_text_layers, batch_size=batch_size, epochs=epochs,
+              max_steps=max_steps, lr=lr, tower_lr_scale=tower_lr_scale, warmup_ratio=warmup_ratio,
+              weight_decay=weight_decay, checkpoint_every=0, deterministic=True, progress=False)
+print(f"device: {device}; {len(names)} configs x {len(seed_list)} seeds")
+
+# %% [markdown]
+# ## The rows
+#
+# Every row is a configuration of the same code (`mlip_core.config.named_config`): the model returns the same
+# named features, and the configuration decides which loss terms `mlip_core.objective` builds and sums. The
+# baselines' configurations follow their papers and repositories (temperatures, loss weights, number of
+# prototypes); what still differs is written in the docstrings of `mlip_core.config.convirt`, `gloria` and
+# `mgca`, printed here.
+
+# %%
+import mlip_core.config as config_module  # noqa: E402
+
+for baseline in ("convirt", "gloria", "mgca"):
+    print(f"--- {baseline} ---\n{getattr(config_module, baseline).__doc__.strip()}\n")
+terms = {n: config_module.named_config(n).loss for n in names}
+pd.DataFrame({n: {"global": True, "divergence": lc.divergence, "knowledge guard": lc.knowledge_negatives,
+                  "local": lc.local, "knowledge fusion": lc.local == "mlip" and lc.knowledge_fusion,
+                  "category": lc.category, "ITM": lc.itm, "swap": lc.swap} for n, lc in terms.items()}).T
+
+# %% [markdown]
+# ## Training the grid
+#
+# Same world, same towers (ImageNet EfficientNet-lite0 with its first stages frozen, MiniLM frozen and encoded
+# once), same optimizer, schedule and number of steps for every row; only the loss configuration and the seed
+# change. The budget is short — the point is the comparison, not the best possible model (chapter
+# `05_pretraining` trains the two main rows longer).
+
+# %%
+world = workspace("offline_world", create=False)
+if not (world / "mimic-cxr-2.0.0-split.csv").exists():
+    raise FileNotFoundError(f"{world} holds no offline world: run the chapter 01_offline_world first")
+runs = train_grid(names, seed_list, params, world, root=workspace("runs", "ablations"))
+write_run_table(runs, workspace("results") / "06_ablations_runs.csv")
+runs[["config", "seed", "steps", "train_s", "i2t_R@10", "t2i_R@10"]].round(1)
+
+# %%
+glue("abl_runs", len(runs), display=False)
+glue("abl_steps", int(runs["steps"].iloc[0]), display=False)
+glue("abl_train_minutes", round(runs["train_s"].sum() / 60, 1), display=False)
+speed = runs.groupby("config")["train_s"].mean()
+print(f"{len(runs)} runs of {int(runs['steps'].iloc[0])} optimizer steps each; "
+      f"training time per run from {speed.min():.0f} s ({speed.idxmin()}) to {speed.max():.0f} s ({speed.idxmax()})")
+
+# %% [markdown]
+# ## The transfer world
+#
+# Linear probes are scored on a world rendered apart from the pretraining one (another seed, template reports
+# that the probe never reads, findings drawn often enough that the test split holds enough positives of each
+# label to measure), as CheXpert is apart from MIMIC-CXR. Its labels are what the renderer drew
+# (`synth/labels.csv`). The probe trains on 1% and 10% of the training patients, drawn with three seeds that
+# are the same for every encoder.
+
+# %%
+transfer_dir = workspace("transfer_world")
+ensure_world(transfer_dir, transfer_studies, transfer_seed, image_size=transfer_image_size,
+             report_source="template", split_fractions=(0.6, 0.0, 0.4), finding_prior=TRANSFER_PRIOR, workers=2)
+task = offline_world_task(transfer_dir).keep_splits(["train", "test"])
+masks = fraction_masks(task.split("train"), workspace("splits", "ablations"), "transfer_world",
+                       fractions=fractions, seeds=tuple(range(fraction_seeds)))
+positives = task.df.groupby("split")[task.labels].sum().T.astype(int)
+print(f"{task.name}: {(task.df['split'] == 'train').sum()} training and {(task.df['split'] == 'test').sum()} "
+      f"test images; training images per fraction: "
+      + ", ".join(f"{f:.0%}: {int(masks[(f, 0)].sum())}" for f in fractions))
+glue("abl_min_test_pos", int(positives["test"].min()), display=False)
+positives.rename(columns=lambda c: f"{c} positives")
+
+# %%
+baselines = [Encoder(f"random init {image_tower}", "tower", image_size, tower={"name": image_tower, "pretrained": ""}),
+             Encoder("ImageNet init", "tower", image_size, tower={"name": image_tower, "pretrained": image_pretrained})]
+probe, per_label = probe_rows(runs, task, masks, workspace("cache", "images"), workspace("features", "ablations"),
+                              Cs=(probe_C,), batch_size=batch_size_features, device=str(device),
+                              extra_encoders=baselines)
+rows = retrieval_rows(runs) + probe
+results = pd.DataFrame(rows)
+path = write_results(results, "06_ablations")
+print(f"{len(results)} result rows -> {path}")
+
+# %% [markdown]
+# ## The table
+#
+# Mean ± standard deviation over the pretraining seeds: retrieval R@10 both ways on the held-out split of the
+# pretraining world (chance is 10 / N for N validation studies), and the linear probe's macro AUROC on the
+# transfer world's test split at 1% and 10% of the labels. The two init rows are not pretrained here: one seed.
+
+# %%
+summary = mean_std(results)
+order = [e.name for e in baselines] + names
+
+
+def cell(task_name: str, metric: str, fraction: float | None = None) -> pd.Series:
+    sel = summary[(summary["task"] == task_name) & (summary["metric"] == metric)]
+    if fraction is not None:
+        sel = sel[np.isclose(sel["fraction"].astype(float), fraction)]
+    fmt = "{:.1f} ± {:.1f}" if metric.startswith("R@") else "{:.3f} ± {:.3f}"
+    return sel.set_index("method").apply(lambda r: fmt.format(r["mean"], 0 if pd.isna(r["std"]) else r["std"]),
+                                         axis=1)
+
+
+table = pd.DataFrame({"image→text R@10": cell("retrieval_i2t", "R@10"), "text→image R@10": cell("retrieval_t2i", "R@10"),
+                      **{f"probe {f:.0%}": cell("linear_probe", "macro_AUROC", f) for f in fractions}})
+table = table.reindex([m for m in order if m in table.index]).fillna("")
+table["seeds"] = summary.groupby("method")["n"].max().reindex(table.index)
+table
+
+# %%
+fig, axes = plt.subplots(1, 1 + len(fractions), figsize=(5.5 * (1 + len(fractions)), 5), sharey=False)
+panels = [("retrieval_i2t", "R@10", None, "image→text R@10 (%)")] + \
+    [("linear_probe", "macro_AUROC", f, f"probe macro AUROC, {f:.0%} labels") for f in fractions]
+for ax, (task_name, metric, fraction, title) in zip(axes, panels):
+    sel = results[(results["task"] == task_name) & (results["metric"] == metric)]
+    if fraction is not None:
+        sel = sel[np.isclose(sel["fraction"].astype(float), fraction)]
+    present = [m for m in order if m in set(sel["method"])]
+    sns.barplot(data=sel, y="method", x="value", order=present, errorbar="sd", ax=ax, color="#9ecae1")
+    sns.stripplot(data=sel, y="method", x="value", order=present, ax=ax, color="black", size=4)
+    lo, hi = sel["value"].min(), sel["value"].max()
+    ax.set_xlim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
+    ax.set_title(title)
+    ax.set_xlabel("value (bar: mean, line: ± s.d. over seeds, dots: seeds)")
+    ax.set_ylabel("")
+plt.suptitle("Ablations on the offline world")
+plt.show()
+
+# %% [markdown]
+# ## Which differences exceed the spread
+#
+# For each comparison: the difference of means, the spread (the two rows' standard deviations added) and
+# whether the difference is larger than the spread. Two families: every baseline and every ablation against
+# full MLIP, and MLIP against ConVIRT, the question the method is judged by.
+
+# %%
+checks = []
+for task_name, metric, fraction in [("retrieval_i2t", "R@10", None), ("retrieval_t2i", "R@10", None)] + \
+        [("linear_probe", "macro_AUROC", f) for f in fractions]:
+    d = differences_vs(summary[summary["method"].isin(names)], "mlip", task_name, metric, fraction)
+    d.insert(0, "measure", f"{task_name} {metric}" + (f" @ {fraction:.0%}" if fraction is not None else ""))
+    checks.append(d)
+checks = pd.concat(checks, ignore_index=True)
+checks.round(3)
+
+
+# %%
+def verdict(method: str, reference: str) -> str:
+    """One sentence per measure: better / worse / within the spread, with the numbers."""
+    parts = []
+    for task_name, metric, fraction in [("retrieval_i2t", "R@10", None), ("retrieval_t2i", "R@10", None)] + \
+            [("linear_probe", "macro_AUROC", f) for f in fractions]:
+        d = differences_vs(summary[summary["method"].isin([method, reference])], reference, task_name, metric,
+                           fraction)
+        if not len(d):
+            continue
+        r = d.iloc[0]
+        name = f"{task_name.replace('_', ' ')} {metric}" + (f" at {fraction:.0%}" if fraction is not None else "")
+        word = ("higher" if r["diff"] > 0 else "lower") if r["exceeds"] else "within the seed spread"
+        parts.append(f"{name}: {r['diff']:+.3g} (spread {r['spread']:.3g}) — {word}")
+    return f"{method} vs {reference}: " + "; ".join(parts)
+
+
+print(verdict("mlip", "convirt"))
+wins = checks[checks["exceeds"] & (checks["diff"] < 0)]
+losses = checks[checks["exceeds"] & (checks["diff"] > 0)]
+print(f"\nComparisons against full MLIP where removing a part (or using a baseline) is worse beyond the spread: "
+      f"{len(wins)} of {len(checks)}" + (": " + ", ".join(f"{r.method} ({r.measure})" for r in wins.itertuples())
+                                          if len(wins) else ""))
+print(f"... and better beyond the spread: {len(losses)}"
+      + (": " + ", ".join(f"{r.method} ({r.measure})" for r in losses.itertuples()) if len(losses) else ""))
+mlip_vs_convirt = differences_vs(summary[summary["method"].isin(["mlip", "convirt"])], "convirt", "linear_probe",
+                                 "macro_AUROC", fractions[0])
+if len(mlip_vs_convirt):
+    glue("abl_mlip_minus_convirt_probe", round(float(mlip_vs_convirt["diff"].iloc[0]), 3), display=False)
+    glue("abl_mlip_vs_convirt_exceeds", "exceeds" if bool(mlip_vs_convirt["exceeds"].iloc[0]) else "does not exceed",
+         display=False)
+
+# %% [markdown]
+# MLIP's 1%-label probe differs from ConVIRT's by {glue:text}`abl_mlip_minus_convirt_probe` macro AUROC, which
+# {glue:text}`abl_mlip_vs_convirt_exceeds` the spread of the seeds; the printed lines above give every other
+# comparison. This study trained {glue:text}`abl_runs` runs of {glue:text}`abl_steps` steps each
+# ({glue:text}`abl_train_minutes` minutes of training in all), and the transfer test split holds at least
+# {glue:text}`abl_min_test_pos` positives of every scored label.
+#
+# ## Reading the results
+#
+# - **Retrieval and transfer measure different things.** Retrieval asks whether the image and report embeddings
+#   line up on the pretraining world; the probe asks whether the image tower's features separate findings on
+#   another world. A term can help one and not the other: the local and category terms shape patch features and
+#   prototypes that retrieval never reads directly.
+# - **Short runs favour simple objectives.** With one epoch, every extra term competes with the global loss for
+#   the same few hundred updates; terms whose heads start from scratch (fusion, prototypes, local projections)
+#   spend part of the budget learning themselves. Differences that are within the spread here may open up with
+#   longer training — the `gpu` profile runs the same grid at a larger scale.
+# - **Where the offline world differs from MIMIC-CXR.** Two thirds of the studies are normal and their reports
+#   near-identical: exactly the false negatives the divergence encoder and the knowledge guard are meant to
+#   handle, but also a hard ceiling on retrieval (chapter `05_pretraining` computes it). The pretraining labels
+#   that the knowledge guard and SupCon read come from our labeler run on the report text, as MIMIC's CheXpert
+#   labels do — with its errors (chapter `01_offline_world` measures them against what was drawn).
+
+# %% [markdown]
+# ## Per label, 10% of the labels
+#
+# The macro AUROC averages labels of very different difficulty. Per label, mean over the pretraining seeds and
+# the label draws:
+
+# %%
+frac = fractions[-1]
+pl = per_label[np.isclose(per_label["fraction"], frac)].dropna(subset=["auroc"])
+pivot = pl.groupby(["label", "method"])["auroc"].mean().unstack("method")
+pivot = pivot[[m for m in order if m in pivot.columns]]
+pivot.insert(0, "test positives", pl.groupby("label")["test positives"].first())
+pivot.round(3)
