@@ -8,14 +8,25 @@ the local shard are contrasted against the *global* batch. Everything is vectori
 
 Terms (../shared/DESIGN.md, "The method as we implement it"):
 - :class:`GlobalContrastiveLoss` — InfoNCE both ways, learnable temperature, soft targets from the
-  divergence (momentum) encoder as in ALBEF (arXiv 2107.07651), knowledge-guarded negatives.
+  divergence (momentum) encoder as in ALBEF (arXiv 2107.07651), knowledge-guarded negatives; per-call
+  ``alpha`` (ALBEF's warm-up) and direction weights (ConVIRT's lambda, arXiv 2010.00747).
 - :class:`LocalAlignmentLoss` — token-level InfoNCE between tokens and their attended patches, both
-  directions, as MGCA (arXiv 2210.06044); with knowledge-fused tokens and token weights it is MLIP's
-  token-knowledge-patch alignment.
-- :class:`GloriaLocalLoss` — GLoRIA's word-region attention loss (arXiv ICCV 2021), all pairs at once.
+  CE directions, as MGCA's word loss (arXiv 2210.06044); with knowledge-fused tokens and token weights
+  it is MLIP's token-knowledge-patch alignment.
+- :class:`MGCALocalLoss` — MGCA's bidirectional token-level loss (word->patch and patch->word), with
+  :func:`clipped_attention_weights` for its attention-derived weights.
+- :class:`GloriaLocalLoss` — GLoRIA's word-region attention loss (Huang et al., ICCV 2021) on
+  unnormalised features, all pairs at once, chunked; :func:`gloria_local_loop` is GLoRIA's loop,
+  :func:`gloria_attention` its attention, :func:`aggregate_wordpieces` its sub-word aggregation.
 - :class:`CategoryLoss` — Sinkhorn-Knopp swapped prediction over prototypes (SwAV / MGCA) and a
   supervised contrastive term (Khosla et al. 2020) on report labels.
-- :func:`itm_loss`, :func:`swap_loss` — the proxy tasks' cross-entropies.
+- :func:`mine_hard_negatives`, :func:`itm_loss`, :func:`swap_loss` — ALBEF's hard negatives drawn with a
+  temperature, and the proxy tasks' cross-entropies.
+
+Line numbers cited for the original code: marshuang80/gloria at 9f0cfcf (gloria/loss/gloria_loss.py,
+gloria/models/text_model.py), 8ae01f8 (gloria/models/gloria_model.py), e023ea6
+(configs/pretrain/chexpert_gloria_pretrain_config.yaml); HKU-MedAI/MGCA at 0fe1c3b
+(mgca/models/mgca/mgca_module.py); salesforce/ALBEF at 90541c9 (models/model_pretrain.py, Pretrain.py).
 """
 
 from __future__ import annotations
@@ -84,10 +95,18 @@ class GlobalContrastiveLoss(nn.Module):
     """Image-report InfoNCE both ways with soft targets from a momentum encoder and knowledge guards.
 
     ``forward(image (n,d), text (n,d), logit_scale (), image_m (n,d)|None, text_m (n,d)|None,
-    labels (n,14)|None)``, features L2-normalised. Rows of the local shard are contrasted against the
-    gathered global batch. Targets: ``(1-a)*onehot + a*softmax(logit_scale * sim_m)`` (ALBEF) when
-    momentum features are given and ``a>0``; with knowledge guards, columns whose report carries the
-    same non-empty positive finding set as the row's are removed from the row's negatives.
+    labels (n,14)|None, alpha=None)``, features L2-normalised. Rows of the local shard are contrasted
+    against the gathered global batch. Targets: ``(1-a)*onehot + a*softmax(logit_scale * sim_m)`` (ALBEF
+    salesforce/ALBEF models/model_pretrain.py L113-120) when momentum features are given and ``a>0``;
+    ``alpha`` overrides ``soft_alpha`` for one call (ALBEF's warm-up, Pretrain.py L61-64:
+    ``alpha * min(1, i / len(loader))`` in epoch 0). With knowledge guards, columns whose report carries
+    the same non-empty positive finding set as the row's are removed from the row's negatives.
+
+    ``loss = i2t_weight * L(image->text) + t2i_weight * L(text->image)``; ``t2i_weight=None`` means
+    ``1 - i2t_weight``. Default 0.5/0.5 (symmetric mean). ConVIRT (arXiv 2010.00747, Sec. 2.2: the
+    lambda-weighted sum of l(v->u) and l(u->v)) puts lambda=0.75 on image->text: ``i2t_weight=0.75``.
+    GLoRIA (gloria/models/gloria_model.py L80) and MGCA (mgca_module.py L104-109) *sum* both
+    directions: ``i2t_weight=1.0, t2i_weight=1.0``.
     Cross-entropy with soft targets = (1-a)*InfoNCE + a*(KL(p_m || p) + H(p_m)); the KL is reported.
     """
 
@@ -97,11 +116,15 @@ class GlobalContrastiveLoss(nn.Module):
         knowledge_negatives: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        i2t_weight: float = 0.5,
+        t2i_weight: float | None = None,
     ) -> None:
         super().__init__()
         self.soft_alpha = soft_alpha
         self.knowledge_negatives = knowledge_negatives
         self.rank, self.world_size = rank, world_size
+        self.i2t_weight = i2t_weight
+        self.t2i_weight = 1.0 - i2t_weight if t2i_weight is None else t2i_weight
 
     def forward(
         self,
@@ -111,8 +134,10 @@ class GlobalContrastiveLoss(nn.Module):
         image_m: Tensor | None = None,
         text_m: Tensor | None = None,
         labels: Tensor | None = None,
+        alpha: float | None = None,
     ) -> dict[str, Tensor]:
         rank, world = dist_info(self.rank, self.world_size)
+        a = self.soft_alpha if alpha is None else float(alpha)
         n = image.shape[0]
         all_image = gather_features(image, world, with_grad=True)
         all_text = gather_features(text, world, with_grad=True)
@@ -130,7 +155,7 @@ class GlobalContrastiveLoss(nn.Module):
             logits_t2i = logits_t2i.masked_fill(guard, NEG)
             out["guarded_fraction"] = guard.float().mean().detach()
 
-        use_soft = self.soft_alpha > 0 and image_m is not None and text_m is not None
+        use_soft = a > 0 and image_m is not None and text_m is not None
         if use_soft:
             with torch.no_grad():
                 all_image_m = gather_features(image_m, world, with_grad=False)
@@ -143,10 +168,10 @@ class GlobalContrastiveLoss(nn.Module):
                     sim_t2i_m = sim_t2i_m.masked_fill(guard, NEG)
                 p_i2t_m = sim_i2t_m.softmax(1)
                 p_t2i_m = sim_t2i_m.softmax(1)
-                a = self.soft_alpha
                 t_i2t = (1 - a) * onehot + a * p_i2t_m
                 t_t2i = (1 - a) * onehot + a * p_t2i_m
-            loss = 0.5 * (soft_cross_entropy(logits_i2t, t_i2t) + soft_cross_entropy(logits_t2i, t_t2i))
+            loss_i2t = soft_cross_entropy(logits_i2t, t_i2t)
+            loss_t2i = soft_cross_entropy(logits_t2i, t_t2i)
             with torch.no_grad():
                 kl = 0.5 * (
                     F.kl_div(F.log_softmax(logits_i2t, 1), p_i2t_m, reduction="batchmean")
@@ -154,8 +179,11 @@ class GlobalContrastiveLoss(nn.Module):
                 )
             out["kl_online_momentum"] = kl
         else:
-            loss = 0.5 * (F.cross_entropy(logits_i2t, target_idx) + F.cross_entropy(logits_t2i, target_idx))
-        out["loss"] = loss
+            loss_i2t = F.cross_entropy(logits_i2t, target_idx)
+            loss_t2i = F.cross_entropy(logits_t2i, target_idx)
+        out["loss"] = self.i2t_weight * loss_i2t + self.t2i_weight * loss_t2i
+        out["loss_i2t"], out["loss_t2i"] = loss_i2t.detach(), loss_t2i.detach()
+        out["alpha"] = torch.tensor(a if use_soft else 0.0, device=image.device)
         with torch.no_grad():
             out["acc_i2t"] = (logits_i2t.argmax(1) == target_idx).float().mean()
             out["acc_t2i"] = (logits_t2i.argmax(1) == target_idx).float().mean()
@@ -175,15 +203,95 @@ def local_token_weights(token_mask: Tensor, token_entity: Tensor | None, knowled
     return w / w.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def masked_quantile(x: Tensor, mask: Tensor, q: float) -> Tensor:
+    """(B,N) values, (B,N) bool -> (B,) the q-quantile of each row's valid entries, with
+    ``torch.quantile``'s default linear interpolation (index ``q*(n-1)``); rows with no valid entry -> 0."""
+    n = mask.sum(1)
+    srt = x.masked_fill(~mask, float("inf")).sort(dim=1).values
+    pos = q * (n - 1).clamp_min(0).to(x.dtype)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    v_lo = srt.gather(1, lo[:, None]).squeeze(1)
+    v_hi = srt.gather(1, hi[:, None]).squeeze(1)
+    out = v_lo + (pos - lo.to(x.dtype)) * (v_hi - v_lo)
+    return torch.where(n > 0, out, torch.zeros_like(out))
+
+
+@torch.no_grad()
+def clipped_attention_weights(attn: Tensor, mask: Tensor | None = None, low: float = 0.1, high: float = 0.9) -> Tensor:
+    """MGCA's token/patch weights: (B,N) [CLS]->token attention, (B,N) valid mask (None = all valid)
+    -> (B,N) weights. Each row's valid entries are clipped to their ``low``/``high`` quantiles, the rest
+    set to 0, and the row renormalised to sum 1 (a row with no valid entry stays 0). Vectorised version of
+    HKU-MedAI/MGCA mgca/models/mgca/mgca_module.py L140-152 (words: quantiles over the non-zero, i.e.
+    non-padding, entries) and L193-204 (ViT patches: over all patches)."""
+    attn = attn.float()
+    mask = torch.ones_like(attn, dtype=torch.bool) if mask is None else mask.bool()
+    lo = masked_quantile(attn, mask, low)[:, None]
+    hi = masked_quantile(attn, mask, high)[:, None]
+    w = torch.minimum(torch.maximum(attn, lo), hi) * mask
+    return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def attend_and_contrast(
+    queries: Tensor,
+    keys: Tensor,
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+    weights: Tensor,
+    temperature: float,
+    normalize_context: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction of MGCA's token-level loss, vectorised over the batch.
+
+    queries (B,N,d), keys (B,M,d) L2-normalised; masks (B,N)/(B,M) bool or None (all valid);
+    weights (B,N). Query n of sample b attends over the sample's valid keys with
+    ``softmax(q_n . k_m / tau)``; its context ``c_n`` (normalised unless ``normalize_context=False``)
+    and ``s_nk = q_n . c_k / tau`` are contrasted both ways within the sample (query n vs the contexts
+    of the sample's other queries, context n vs the other queries), invalid queries masked out of rows
+    and columns. Returns (loss = sum(weights * (CE_row + CE_col) / 2) / B, accuracy of the row
+    direction over valid queries, attention (B,N,M) detached). Both cross-entropies come from one
+    masked (B,N,N) matrix: the diagonals of its log-softmax along each axis.
+    """
+    B, N = queries.shape[:2]
+    att = torch.baddbmm(queries.new_zeros(()), queries, keys.transpose(1, 2), beta=0.0, alpha=1.0 / temperature)
+    if key_mask is not None:  # masked keys get attention exactly 0 (exp underflows)
+        att = att.masked_fill(~key_mask.bool()[:, None, :], NEG)
+    attn = torch.softmax(att, dim=-1)  # (B, N, M)
+    # s_nk = (q_n / tau) . c_k = sum_m att_nm attn_km: an (N,M,N) product instead of forming q / tau
+    sim = torch.bmm(att, attn.transpose(1, 2))  # (B, N_query, N_context), already / tau
+    if normalize_context:  # q . c/|c|: scale the (N,N) columns instead of the (N,d) context
+        context = torch.bmm(attn, keys)
+        sim = sim * torch.rsqrt((context * context).sum(-1).clamp_min(1e-24))[:, None, :]
+    if query_mask is not None:
+        pad = (~query_mask.bool()).to(sim.dtype) * NEG
+        sim = sim + (pad[:, None, :] + pad[:, :, None])  # invalid columns leave every row's softmax
+        w = weights * query_mask
+    else:
+        w = weights
+    # CE(row) + CE(column) of each query: the diagonals of two fused log-softmaxes
+    lp = sim.log_softmax(2).diagonal(dim1=1, dim2=2) + sim.log_softmax(1).diagonal(dim1=1, dim2=2)
+    loss = (w * lp).sum() * (-0.5 / B)
+    with torch.no_grad():
+        hit = sim.argmax(2) == torch.arange(N, device=sim.device)
+        if query_mask is not None:
+            acc = (hit & query_mask.bool()).sum() / query_mask.sum().clamp_min(1)
+        else:
+            acc = hit.float().mean()
+    return loss, acc.float(), attn.detach()
+
+
 class LocalAlignmentLoss(nn.Module):
-    """Token-level InfoNCE between each token and the visual context it attends to (MGCA's word loss).
+    """Token-level InfoNCE between each token and the visual context it attends to (MGCA's word loss,
+    HKU-MedAI/MGCA mgca/models/mgca/mgca_module.py L124-168; MGCA's default ``use_local_atten=False``
+    (L48) is this dot-product attention, not its MultiheadAttention layer).
 
     ``forward(tokens (B,L,d), patches (B,P,d), token_mask (B,L) bool, weights (B,L))``, features
     L2-normalised. Token l of report b attends over the patches of image b with
     ``softmax(t_l . v_p / tau)``; its context ``c_l`` is normalised, and ``s_lk = t_l . c_k / tau``
-    is contrasted both ways within the report (token l vs the contexts of the report's other tokens,
-    context l vs the other tokens), padding masked out of rows and columns. Rows are weighted by
-    ``weights`` (padding 0); the loss is sum(weights * CE) / B, as MGCA.
+    is contrasted both ways within the report, padding masked out of rows and columns. Rows are weighted
+    by ``weights`` (padding 0); the loss is sum(weights * CE) / B averaged over the two CE directions,
+    as MGCA. With knowledge-fused tokens and knowledge-heavy weights this is MLIP's
+    token-knowledge-patch alignment. See :func:`attend_and_contrast`.
     """
 
     def __init__(self, temperature: float = 0.1) -> None:
@@ -191,24 +299,62 @@ class LocalAlignmentLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, tokens: Tensor, patches: Tensor, token_mask: Tensor, weights: Tensor) -> dict[str, Tensor]:
-        B, L = token_mask.shape
-        q = tokens * (1.0 / self.temperature)  # fold 1/tau into the smallest tensor
-        attn = torch.softmax(q @ patches.transpose(1, 2), dim=-1)  # (B, L, P)
-        context = F.normalize(attn @ patches, dim=-1)  # (B, L, d)
-        sim = q @ context.transpose(1, 2)  # (B, L_token, L_context), already / tau
-        mask = token_mask.bool()
-        pad = (~mask).to(sim.dtype) * NEG  # (B, L): masks padded columns
-        target = torch.arange(L, device=tokens.device).repeat(B)
-        # rows = tokens over the report's contexts; rows = contexts over the report's tokens
-        t2c = (sim + pad[:, None, :]).reshape(B * L, L)
-        c2t = (sim.transpose(1, 2) + pad[:, None, :]).reshape(B * L, L)
-        ce = F.cross_entropy(t2c, target, reduction="none") + F.cross_entropy(c2t, target, reduction="none")
-        w = (weights * mask).reshape(-1)
-        loss = (w * ce).sum() * (0.5 / B)
-        with torch.no_grad():
-            hit = (t2c.argmax(-1) == target) & mask.reshape(-1)
-            acc = hit.sum() / mask.sum().clamp_min(1)
-        return {"loss": loss, "token_acc": acc.float(), "attention": attn.detach()}
+        loss, acc, attn = attend_and_contrast(tokens, patches, token_mask, None, weights, self.temperature)
+        return {"loss": loss, "token_acc": acc, "attention": attn}
+
+
+class MGCALocalLoss(nn.Module):
+    """MGCA's bidirectional token-level loss: word->patch plus patch->word (HKU-MedAI/MGCA
+    mgca/models/mgca/mgca_module.py L119-223; ``loss = loss_word + loss_patch``, L223).
+
+    ``forward(words (B,L,d), patches (B,P,d), word_mask (B,L), word_weights (B,L),
+    patch_weights (B,P)|None)``, features L2-normalised (MGCA L89, L97), temperature 0.1 (L44).
+    - word direction: each word attends over its image's patches, contrasted within the report
+      (as :class:`LocalAlignmentLoss`), weighted by ``word_weights`` — MGCA's are the text tower's
+      last-layer [CLS]->token attention clipped to its 10%/90% quantiles and renormalised
+      (:func:`clipped_attention_weights`).
+    - patch direction (``patch_direction=True``): each patch attends over its report's words (padding
+      masked, L176-181), contrasted within the image, weighted by ``patch_weights`` — MGCA's are the
+      ViT's last-block [CLS]->patch attention (mean over heads) clipped likewise (L191-204). A CNN has
+      no [CLS] attention: pass ``patch_weights=None`` for uniform 1/P, as MGCA does (L185-189).
+    ``normalize_patch_context``: MGCA normalises the patch->word context only for CNN towers
+    (L185-186); for a ViT it leaves it unnormalised. Default True (normalised).
+    Returns ``loss``, ``loss_word``, ``loss_patch`` (0 when off), ``word_acc``, ``patch_acc``,
+    ``attention`` (B,L,P) word->patch.
+    """
+
+    def __init__(
+        self, temperature: float = 0.1, patch_direction: bool = True, normalize_patch_context: bool = True
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.patch_direction = patch_direction
+        self.normalize_patch_context = normalize_patch_context
+
+    def forward(
+        self,
+        words: Tensor,
+        patches: Tensor,
+        word_mask: Tensor,
+        word_weights: Tensor,
+        patch_weights: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        mask = word_mask.bool()
+        loss_word, word_acc, attn = attend_and_contrast(words, patches, mask, None, word_weights, self.temperature)
+        out = {"loss_word": loss_word.detach(), "word_acc": word_acc, "attention": attn}
+        loss = loss_word
+        if self.patch_direction:
+            B, P = patches.shape[:2]
+            pw = patches.new_full((B, P), 1.0 / P) if patch_weights is None else patch_weights.to(patches.dtype)
+            loss_patch, patch_acc, _ = attend_and_contrast(
+                patches, words, None, mask, pw, self.temperature, self.normalize_patch_context
+            )
+            loss = loss + loss_patch
+            out["loss_patch"], out["patch_acc"] = loss_patch.detach(), patch_acc
+        else:
+            out["loss_patch"] = loss_word.new_zeros(()).detach()
+        out["loss"] = loss
+        return out
 
 
 def local_alignment_loop(
@@ -232,35 +378,316 @@ def local_alignment_loop(
 # Local: GLoRIA word-region attention
 
 
-class GloriaLocalLoss(nn.Module):
-    """GLoRIA's local loss (Huang et al., ICCV 2021) for every report-image pair at once.
+def aggregate_wordpieces(tokens: Tensor, word_index: Tensor) -> tuple[Tensor, Tensor]:
+    """GLoRIA's sub-word aggregation, vectorised: tokens (B,L,D), word_index (B,L) long (the word each
+    token belongs to, 0..W-1 per report; -1 for tokens to drop: padding, or specials the caller does
+    not count as words) -> (words (B,W,D), word_mask (B,W) bool), W = max index + 1 over the batch.
 
-    ``forward(words (B,L,d), regions (B,P,d), word_mask (B,L))``. For report t and image i, each word
-    attends over the image's regions (GLoRIA's attention: softmax over words, then over regions
-    sharpened by ``temp1``), the cosine of word and attended context is aggregated over valid words
-    with ``log sum exp(temp2 * cos)``, and the (B,B) matrix of those scores times ``temp3`` is an
-    InfoNCE both ways. GLoRIA loops over reports; this is one einsum over all pairs.
+    The pieces of a word are *summed*, as marshuang80/gloria gloria/models/text_model.py
+    ``aggregate_tokens`` does (L54-56 and L68-70: ``torch.stack(token_bank).sum(axis=0)``); padding
+    words are zero vectors (L82-87). GLoRIA keeps [CLS] as word 0 and [SEP] as the last word, and its
+    local loss then uses the first ``n_words + 1`` words, i.e. [CLS] + words without [SEP]
+    (gloria_model.py L53-55, gloria_loss.py L98-101): to match, give [CLS] index 0 and [SEP] -1.
+    MGCA sums the pieces' [CLS] attention the same way (encoder.py ``aggregate_tokens``): pass the
+    attention as a (B,L,1) tensor.
+    """
+    B, L, D = tokens.shape
+    idx = word_index.long()
+    W = int(idx.max().item()) + 1 if idx.numel() else 0
+    W = max(W, 1)
+    valid = idx >= 0
+    flat = (torch.arange(B, device=tokens.device)[:, None] * W + idx.clamp_min(0)).reshape(-1)
+    src = (tokens * valid[..., None].to(tokens.dtype)).reshape(B * L, D)
+    words = tokens.new_zeros(B * W, D).index_add(0, flat, src).view(B, W, D)
+    count = torch.zeros(B * W, device=tokens.device, dtype=torch.long).index_add(0, flat, valid.reshape(-1).long())
+    return words, count.view(B, W) > 0
+
+
+def gloria_attention(words: Tensor, regions: Tensor, temp1: float = 4.0, word_mask: Tensor | None = None) -> Tensor:
+    """GLoRIA's word->region attention for every report-image pair (marshuang80/gloria
+    gloria/loss/gloria_loss.py ``attention_fn`` L20-58): words (T,L,D), regions (I,P,D), both
+    *unnormalised*, word_mask (T,L) -> (T,I,L,P). ``raw = word . region`` (L37), softmax over the
+    report's words for each region (L39-40), times ``temp1`` (L48), softmax over regions (L49).
+    Memory T*I*L*P: meant for tests and figures; the loss never materialises it."""
+    raw = torch.einsum("tld,ipd->tipl", words, regions)  # (T, I, P, L)
+    if word_mask is not None:
+        raw = raw.masked_fill(~word_mask.bool()[:, None, None, :], float("-inf"))
+    a1 = raw.softmax(-1).transpose(2, 3)  # (T, I, L, P)
+    return (a1 * temp1).softmax(-1)
+
+
+def _gloria_plan(lengths: list[int], chunk_words: int) -> list[list[int]]:
+    """Reports sorted by length and cut into chunks of at most ``chunk_words`` padded words
+    (count x longest), so that each chunk pads only to its own longest report."""
+    order = sorted(range(len(lengths)), key=lambda t: lengths[t])
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    for t in order:  # lengths ascending: the newcomer is the chunk's longest
+        if cur and lengths[t] * (len(cur) + 1) > chunk_words:
+            chunks.append(cur)
+            cur = []
+        cur.append(t)
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _gloria_chunk(words: Tensor, pos: Tensor, lengths: Tensor, chunk: list[int], R2: Tensor, G: Tensor,
+                  temp1: float, temp2: float, kept: tuple | None = None) -> dict:
+    """Forward of one chunk of c reports (padded to its longest, Lk words) against all I images.
+
+    Layout (I, P, M), M = c*Lk. ``raw`` is one GEMM of all images' regions with the chunk's words. The
+    context ``c = sum_p a_p r_p`` is never formed: ``w.c = sum_p a_p raw_p`` and ``|c|^2 = a^T G a``
+    with the images' Gram matrices G = R R^T (I,P,P). Padding words are zero vectors whose ``raw`` is
+    set (in place) far below every real word's, so the softmax over words gives them exactly 0 while
+    ``raw`` stays finite. ``kept`` = the forward's (raw, q, small) to skip recomputing them."""
+    dev = words.device
+    ids = torch.tensor(chunk, device=dev)
+    c, Lk = len(chunk), int(lengths[ids].max())
+    I, P = G.shape[:2]
+    M = c * Lk
+    pk = pos[ids, :Lk]  # each report's word positions, valid first
+    mk = torch.arange(Lk, device=dev)[None, :] < lengths[ids][:, None]  # (c, Lk)
+    Wf = (words[ids[:, None], pk] * mk[..., None]).reshape(M, -1)  # padding words zeroed
+    out = {"ids": ids, "c": c, "Lk": Lk, "pk": pk, "mk": mk, "Wf": Wf}
+    raw, q, small = kept if kept is not None else (None, None, None)
+    if raw is None:
+        raw = R2 @ Wf.T  # (I*P, M)
+        if not bool(mk.all()):
+            low = -(R2.norm(dim=1).max() * Wf.norm(dim=1).max() + 1.0e4)  # < every real raw by >= 1e4
+            raw.view(I, P, c, Lk).masked_fill_(~mk, low)
+    rawf = raw.view(I, P, M)
+    a1 = torch.softmax(raw.view(I, P, c, Lk), dim=-1)  # over the report's words, per region (gloria_loss.py L40)
+    a2 = torch.softmax(a1 * temp1, dim=1)  # over regions (L48-49)
+    a2f = a2.view(I, P, M)
+    if q is None:
+        q = torch.bmm(G, a2f)  # G a (I, P, M)
+    if small is None:
+        num = (a2f * rawf).sum(1)  # w . c  (I, M)
+        cn2 = (a2f * q).sum(1).clamp_min_(0)  # |c|^2
+        wn = Wf.norm(dim=1)  # (M,)
+        prod = wn * cn2.sqrt()
+        cos = num / prod.clamp_min(1e-8)  # gloria_loss.py L17: w.c / (|w||c|).clamp(min=eps)
+        e = (cos * temp2).view(I, c, Lk).masked_fill(~mk, float("-inf"))
+        small = (cn2, wn, prod, cos, e)
+    out.update(raw=raw, rawf=rawf, a1=a1, a2f=a2f, q=q, small=small)
+    return out
+
+
+class _GloriaScores(torch.autograd.Function):
+    """(T,I) matrix ``log sum_l exp(temp2 * cos(w_l, c_l))`` of GLoRIA's local loss, chunked over
+    reports with a hand-written backward. ``cache``: what the forward keeps per chunk for the backward
+    ("none": recompute everything, memory = one chunk; "raw": the (I*P, M) scores; "raw+q": also G a);
+    the softmaxes are always recomputed."""
+
+    @staticmethod
+    def forward(ctx, words, regions, pos, lengths, temp1, temp2, mean_agg, chunk_words, want_attn, cache):
+        T, L, D = words.shape
+        I, P, _ = regions.shape
+        R2 = regions.reshape(I * P, D)
+        G = torch.bmm(regions, regions.transpose(1, 2))  # (I, P, P)
+        scores = words.new_zeros(T, I)
+        attn = words.new_zeros(T, L, P) if want_attn else words.new_zeros(0)
+        plan = _gloria_plan(lengths.tolist(), chunk_words)
+        kept = []
+        for chunk in plan:
+            ch = _gloria_chunk(words, pos, lengths, chunk, R2, G, temp1, temp2)
+            ids, c, Lk = ch["ids"], ch["c"], ch["Lk"]
+            s = ch["small"][-1].logsumexp(-1)  # (I, c)
+            if mean_agg:
+                s = s - lengths[ids].to(s.dtype).log()[None, :]
+            scores[ids] = s.T
+            if want_attn:  # the matched pairs' attention, GLoRIA's att_maps
+                diag = ch["a2f"].view(I, P, c, Lk)[ids, :, torch.arange(c, device=words.device)]  # (c, P, Lk)
+                attn[ids[:, None], ch["pk"]] = diag.transpose(1, 2) * ch["mk"][..., None]
+            kept.append((ch["raw"] if cache != "none" else None, ch["q"] if cache == "raw+q" else None, ch["small"]))
+            del ch
+        ctx.save_for_backward(words, regions, pos, lengths, G)
+        ctx.plan, ctx.kept, ctx.args = plan, kept, (temp1, temp2)
+        ctx.mark_non_differentiable(attn)
+        return scores, attn
+
+    @staticmethod
+    def backward(ctx, d_scores, _d_attn):
+        words, regions, pos, lengths, G = ctx.saved_tensors
+        temp1, temp2 = ctx.args
+        I, P, D = regions.shape
+        R2 = regions.reshape(I * P, D)
+        d_words = torch.zeros_like(words)
+        d_R2 = torch.zeros_like(R2)
+        d_G = torch.zeros_like(G)
+        for k, chunk in enumerate(ctx.plan):
+            kept, ctx.kept[k] = ctx.kept[k], None
+            ch = _gloria_chunk(words, pos, lengths, chunk, R2, G, temp1, temp2, kept)
+            del kept
+            ids, c, Lk, mk, pk, Wf = ch["ids"], ch["c"], ch["Lk"], ch["mk"], ch["pk"], ch["Wf"]
+            M = c * Lk
+            cn2, wn, prod, cos, e = ch["small"]
+            d_cos = (torch.softmax(e, -1) * (d_scores[ids].T[..., None] * temp2)).view(I, M)  # 0 on padding
+            d_num = d_cos / prod.clamp_min(1e-8)
+            g = torch.where(prod > 1e-8, -d_cos * cos, torch.zeros_like(cos))  # cos = num / (|w||c|)
+            d_cn2 = g / (2 * cn2).clamp_min(1e-30)  # d|c|^2 = d|c| / (2|c|), d|c| = g / |c|
+            d_wn = (g / wn.clamp_min(1e-30)).sum(0)  # (M,)
+            a1, a2f = ch["a1"], ch["a2f"]
+            d_G.baddbmm_(a2f * d_cn2[:, None, :], a2f.transpose(1, 2))
+            # d a2 = d_num * raw + 2 d|c|^2 * (G a); temp1 of the softmax over regions folded in
+            d_a2 = ch["q"].mul_((2 * temp1) * d_cn2[:, None, :]).addcmul_(ch["rawf"], (temp1 * d_num)[:, None, :])
+            del ch
+            d_a1 = torch._softmax_backward_data(d_a2, a2f, 1, a2f.dtype).view(I, P, c, Lk)  # over regions
+            del d_a2
+            d_raw = torch._softmax_backward_data(d_a1, a1, 3, a1.dtype).view(I, P, M)  # over words
+            del d_a1, a1
+            d_raw2 = d_raw.addcmul_(a2f, d_num[:, None, :]).view(I * P, M)  # + the direct w.c term
+            del a2f
+            d_Wf = torch.addmm((d_wn / wn.clamp_min(1e-30))[:, None] * Wf, d_raw2.T, R2)
+            d_R2.addmm_(d_raw2, Wf)
+            del d_raw, d_raw2
+            d_words[ids[:, None], pk] = (d_Wf.view(c, Lk, D) * mk[..., None]).to(d_words.dtype)
+        d_regions = d_R2.view(I, P, D).baddbmm_(d_G, regions, alpha=2.0)  # G = R R^T, dG symmetric
+        return d_words, d_regions, None, None, None, None, None, None, None, None
+
+
+def gloria_local_scores(
+    words: Tensor,
+    regions: Tensor,
+    word_mask: Tensor,
+    temp1: float = 4.0,
+    temp2: float = 5.0,
+    agg: str = "sum",
+    chunk_words: int = 512,
+    return_attention: bool = False,
+    cache: str = "raw+q",
+) -> tuple[Tensor, Tensor | None]:
+    """(T,I) GLoRIA word-level similarity of every report t with every image i (before ``temp3``),
+    and optionally the matched pairs' attention (T,L,P). See :class:`GloriaLocalLoss`."""
+    if words.shape[0] != regions.shape[0]:
+        raise ValueError(f"GLoRIA pairs report t with image t: got {words.shape[0]} reports, {regions.shape[0]} images")
+    mask = word_mask.bool()
+    lengths = mask.sum(1)
+    if bool((lengths == 0).any()):
+        raise ValueError("every report needs at least one word for GLoRIA's local loss (GLoRIA keeps [CLS])")
+    pos = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # each report's word positions first
+    dtype = words.dtype
+    if not (torch.is_grad_enabled() and (words.requires_grad or regions.requires_grad)):
+        cache = "none"  # no backward will come: keep nothing
+    scores, attn = _GloriaScores.apply(
+        words.float(), regions.float(), pos, lengths, float(temp1), float(temp2), agg == "mean",
+        int(chunk_words), return_attention, cache,
+    )
+    return scores.to(dtype), (attn if return_attention else None)
+
+
+class GloriaLocalLoss(nn.Module):
+    """GLoRIA's local loss (Huang et al., ICCV 2021), faithful to marshuang80/gloria
+    gloria/loss/gloria_loss.py ``local_loss`` L87-135 and ``attention_fn`` L20-58.
+
+    ``forward(words (T,L,D), regions (I,P,D), word_mask (T,L))`` with T == I (report t pairs image t).
+    Inputs must NOT be L2-normalised: GLoRIA feeds raw word features (BERT, last 4 layers summed, no
+    projection, ``norm: false``) and 1x1-conv region features of dimension 768 to the attention; on unit
+    vectors the softmax over words is ~1/L and the attention ~uniform. For report t and image i:
+    ``a = softmax_p(temp1 * softmax_l(w_l . r_p))`` over the report's valid words only (GLoRIA slices
+    each report to its word count, L98-101), context ``c_l = sum_p a_lp r_p``, score
+    ``log sum_l exp(temp2 * cos(w_l, c_l))`` (``agg='sum'``, L117-122; ``'mean'`` = log of the mean),
+    logits ``temp3 * score``. ``loss = i2t_weight * CE(images over reports) + t2i_weight * CE(reports
+    over images)``; GLoRIA sums both (gloria_model.py L79): ``i2t_weight = t2i_weight = 1``. Default
+    0.5/0.5 (mean). Defaults temp1/2/3 = 4/5/10 (configs/pretrain/chexpert_gloria_pretrain_config.yaml L33-35).
+
+    GLoRIA loops over reports; this computes all pairs in chunks of reports bucketed by length (sorted,
+    each chunk padded to its own longest, at most ``chunk_words`` padded words), never forms the (D-dim)
+    context (``|c|^2`` via each image's Gram matrix), and has a hand-written backward. ``cache``: what
+    the forward keeps for it — "raw+q" (default; per chunk the (I*P, M) scores and G a: 2*I*P*sum(L)
+    floats, ~430 MB at GLoRIA's B=48, 19x19, 97 words), "raw", or "none" (recompute all: memory of one
+    chunk, ~1.5x the time). Without grad nothing is kept. Measured by benchmarks/bench_losses.py against
+    :func:`gloria_local_loop` at GLoRIA's shapes on CPU: ~0.4x the time, ~0.3x the peak memory.
+    Returns ``loss``, ``loss_i2t``, ``loss_t2i``, ``acc_i2t``, ``acc_t2i``, ``attention`` (T,L,P) of the
+    matched pairs (GLoRIA's ``att_maps``), mean ``word_norm`` / ``region_norm`` (≈1 means normalised
+    inputs: a caller bug).
     """
 
-    def __init__(self, temp1: float = 4.0, temp2: float = 5.0, temp3: float = 10.0) -> None:
+    def __init__(
+        self,
+        temp1: float = 4.0,
+        temp2: float = 5.0,
+        temp3: float = 10.0,
+        agg: str = "sum",
+        i2t_weight: float = 0.5,
+        t2i_weight: float | None = None,
+        chunk_words: int = 512,
+        cache: str = "raw+q",
+    ) -> None:
         super().__init__()
-        self.temp1, self.temp2, self.temp3 = temp1, temp2, temp3
+        if cache not in ("none", "raw", "raw+q"):
+            raise ValueError(f"cache must be 'none', 'raw' or 'raw+q', got {cache!r}")
+        self.cache = cache
+        if agg not in ("sum", "mean"):
+            raise ValueError(f"agg must be 'sum' or 'mean', got {agg!r}")
+        self.temp1, self.temp2, self.temp3, self.agg = temp1, temp2, temp3, agg
+        self.i2t_weight = i2t_weight
+        self.t2i_weight = 1.0 - i2t_weight if t2i_weight is None else t2i_weight
+        self.chunk_words = chunk_words
 
     def forward(self, words: Tensor, regions: Tensor, word_mask: Tensor) -> dict[str, Tensor]:
-        mask = word_mask.bool()  # (T, L)
-        raw = torch.einsum("tld,ipd->tilp", words, regions)  # (T, I, L, P)
-        # softmax over words (padding excluded), then sharpened softmax over regions
-        a = raw.masked_fill(~mask[:, None, :, None], NEG).softmax(dim=2)
-        a = (a * self.temp1).softmax(dim=3)
-        context = torch.einsum("tilp,ipd->tild", a, regions)  # (T, I, L, d)
-        cos = F.cosine_similarity(words[:, None], context, dim=-1)  # (T, I, L)
-        score = (cos * self.temp2).masked_fill(~mask[:, None, :], NEG).logsumexp(dim=2)  # (T, I)
-        logits_t2i = score * self.temp3
+        scores, attn = gloria_local_scores(
+            words, regions, word_mask, self.temp1, self.temp2, self.agg, self.chunk_words, True, self.cache
+        )
+        logits_t2i = scores * self.temp3  # (T, I): rows are reports
         target = torch.arange(words.shape[0], device=words.device)
-        loss = 0.5 * (F.cross_entropy(logits_t2i, target) + F.cross_entropy(logits_t2i.T, target))
+        loss_t2i = F.cross_entropy(logits_t2i, target)
+        loss_i2t = F.cross_entropy(logits_t2i.T, target)
+        out = {"loss": self.i2t_weight * loss_i2t + self.t2i_weight * loss_t2i,
+               "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(), "attention": attn.detach()}
         with torch.no_grad():
-            acc = (logits_t2i.argmax(1) == target).float().mean()
-        return {"loss": loss, "acc_t2i": acc}
+            out["acc_t2i"] = (logits_t2i.argmax(1) == target).float().mean()
+            out["acc_i2t"] = (logits_t2i.argmax(0) == target).float().mean()
+            out["word_norm"] = words.detach().norm(dim=-1)[word_mask.bool()].mean()
+            out["region_norm"] = regions.detach().norm(dim=-1).mean()
+        return out
+
+
+def _gloria_cosine(x1: Tensor, x2: Tensor, eps: float = 1e-8) -> Tensor:
+    """gloria/loss/gloria_loss.py ``cosine_similarity`` L11-17 along dim 1."""
+    return (x1 * x2).sum(1) / (x1.norm(dim=1) * x2.norm(dim=1)).clamp(min=eps)
+
+
+def gloria_local_loop(
+    words: Tensor,
+    regions: Tensor,
+    word_mask: Tensor,
+    temp1: float = 4.0,
+    temp2: float = 5.0,
+    temp3: float = 10.0,
+    agg: str = "sum",
+    i2t_weight: float = 0.5,
+    t2i_weight: float | None = None,
+) -> Tensor:
+    """GLoRIA's ``local_loss`` transcribed (gloria/loss/gloria_loss.py L87-135, per report, each report
+    repeated over the batch and ``attention_fn`` on (B, D, L) / (B, D, P) tensors): the reference that
+    :class:`GloriaLocalLoss` equals and the benchmark's baseline. words (B,L,D), regions (B,P,D)."""
+    B = words.shape[0]
+    context = regions.transpose(1, 2)  # (B, D, P): GLoRIA's img_features with ih*iw flattened
+    P = context.shape[2]
+    sims = []
+    for t in range(B):
+        word = words[t][word_mask[t].bool()].T.unsqueeze(0).contiguous()  # (1, D, n)
+        n = word.shape[2]
+        word = word.repeat(B, 1, 1)  # (B, D, n)
+        attn = torch.bmm(context.transpose(1, 2).contiguous(), word)  # (B, P, n)
+        attn = torch.softmax(attn.reshape(B * P, n), dim=-1).view(B, P, n)
+        attn = attn.transpose(1, 2).contiguous().view(B * n, P)
+        attn = torch.softmax(attn * temp1, dim=-1).view(B, n, P)
+        wei_context = torch.bmm(context, attn.transpose(1, 2).contiguous())  # (B, D, n)
+        w = word.transpose(1, 2).reshape(B * n, -1)
+        c = wei_context.transpose(1, 2).reshape(B * n, -1)
+        row = _gloria_cosine(w, c).view(B, n)
+        row = (row * temp2).exp()
+        row = row.sum(1, keepdim=True) if agg == "sum" else row.mean(1, keepdim=True)
+        sims.append(row.log())
+    similarities = torch.cat(sims, 1) * temp3  # (images, reports)
+    labels = torch.arange(B, device=words.device)
+    loss0 = F.cross_entropy(similarities, labels)  # image -> report
+    loss1 = F.cross_entropy(similarities.T, labels)
+    t2i = 1.0 - i2t_weight if t2i_weight is None else t2i_weight
+    return i2t_weight * loss0 + t2i * loss1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,23 +788,30 @@ class CategoryLoss(nn.Module):
 
 
 @torch.no_grad()
-def mine_hard_negatives(sim: Tensor, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """ALBEF's hard-negative sampling from a (B,B) image-text similarity: for each image a text, for
-    each text an image, drawn with probability softmax(sim) over the non-positives (diagonal and
-    ``exclude`` removed; a row with none left falls back to any other sample). -> (neg_text_idx (B,),
-    neg_image_idx (B,))."""
+def mine_hard_negatives(
+    sim: Tensor,
+    exclude: Tensor | None = None,
+    temperature: float = 0.07,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """ALBEF's hard-negative sampling for image-text matching (salesforce/ALBEF
+    models/model_pretrain.py L122-123 and L141-162): (B,B) *cosine* image-text similarity -> for each
+    image a text, for each text an image, drawn with probability ``softmax(sim / temperature)`` over the
+    allowed negatives (diagonal and ``exclude`` removed; a row with none left falls back to any other
+    sample). ALBEF's ``sim_i2t`` is already divided by its learnable temperature (init 0.07,
+    configs/Pretrain.yaml ``temp``): pass that temperature, e.g. ``1 / logit_scale``. ``generator`` goes
+    to ``torch.multinomial``. -> (neg_text_idx (B,), neg_image_idx (B,))."""
     B = sim.shape[0]
     eye = torch.eye(B, dtype=torch.bool, device=sim.device)
-    banned = eye if exclude is None else (eye | exclude)
+    banned = eye if exclude is None else (eye | exclude.bool())
     # rows where everything is banned fall back to "anything but itself"
-    empty = banned.all(1, keepdim=True)
-    banned_i2t = torch.where(empty, eye, banned)
-    banned_t2i_src = banned.T
-    banned_t2i = torch.where(banned_t2i_src.all(1, keepdim=True), eye, banned_t2i_src)
-    w_i2t = sim.float().softmax(1).masked_fill(banned_i2t, 0) + (~banned_i2t) * 1e-8
-    w_t2i = sim.float().T.softmax(1).masked_fill(banned_t2i, 0) + (~banned_t2i) * 1e-8
-    neg_text = torch.multinomial(w_i2t, 1).squeeze(1)
-    neg_image = torch.multinomial(w_t2i, 1).squeeze(1)
+    banned_i2t = torch.where(banned.all(1, keepdim=True), eye, banned)
+    banned_t2i = torch.where(banned.T.all(1, keepdim=True), eye, banned.T)
+    logits = sim.float() / float(temperature)
+    w_i2t = logits.masked_fill(banned_i2t, float("-inf")).softmax(1)
+    w_t2i = logits.T.masked_fill(banned_t2i, float("-inf")).softmax(1)
+    neg_text = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    neg_image = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     return neg_text, neg_image
 
 

@@ -1,6 +1,8 @@
 """The losses pin formulas and invariants: plain InfoNCE at a=0, soft targets, knowledge guards,
-aligned < shuffled, batch permutation, padding, vectorised == per-sample loop, Sinkhorn marginals,
-and the distributed gather (two real gloo processes)."""
+ConVIRT's direction weights, ALBEF's alpha warm-up, aligned < shuffled, batch permutation, padding,
+vectorised == per-sample loop (MLIP/MGCA local, GLoRIA on unnormalised features, MGCA's clipped
+attention weights), GLoRIA's attention finding a planted region, word-piece aggregation, hard negatives
+drawn with a temperature, Sinkhorn marginals, and the distributed gather (two real gloo processes)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from mlip_core.losses import (
     GloriaLocalLoss,
     GlobalContrastiveLoss,
     LocalAlignmentLoss,
+    MGCALocalLoss,
+    aggregate_wordpieces,
+    clipped_attention_weights,
+    gloria_attention,
+    gloria_local_loop,
     local_alignment_loop,
     local_token_weights,
     mine_hard_negatives,
@@ -149,6 +156,34 @@ def test_global_loss_is_invariant_to_batch_permutation():
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_convirt_weights_image_to_text_by_lambda_and_gloria_mgca_sum_both_directions():
+    img, txt = paired(B=8, noise=0.6)
+    logits = SCALE * img @ txt.T
+    target = torch.arange(8)
+    l_i2t = F.cross_entropy(logits, target)  # ConVIRT l(v->u): each image over the reports
+    l_t2i = F.cross_entropy(logits.T, target)
+    assert not torch.allclose(l_i2t, l_t2i, atol=1e-3)  # the test can tell the directions apart
+    convirt = GlobalContrastiveLoss(0.0, False, i2t_weight=0.75)(img, txt, SCALE)
+    assert torch.allclose(convirt["loss"], 0.75 * l_i2t + 0.25 * l_t2i, atol=1e-5)
+    assert torch.allclose(convirt["loss_i2t"], l_i2t, atol=1e-5)
+    summed = GlobalContrastiveLoss(0.0, False, i2t_weight=1.0, t2i_weight=1.0)(img, txt, SCALE)["loss"]
+    assert torch.allclose(summed, l_i2t + l_t2i, atol=1e-5)
+
+
+def test_alpha_argument_overrides_soft_alpha_for_one_call():
+    img, txt = paired()
+    img_m, txt_m = paired(seed=5)
+    warm = GlobalContrastiveLoss(soft_alpha=0.4, knowledge_negatives=False)
+    for a in (0.0, 0.1, 0.4):
+        fixed = GlobalContrastiveLoss(soft_alpha=a, knowledge_negatives=False)(img, txt, SCALE, img_m, txt_m)["loss"]
+        assert torch.allclose(warm(img, txt, SCALE, img_m, txt_m, alpha=a)["loss"], fixed, atol=1e-6)
+    # ALBEF's epoch-0 ramp alpha * min(1, i / len(loader)): step 0 is plain InfoNCE, and the loss moves with it
+    step0 = warm(img, txt, SCALE, img_m, txt_m, alpha=0.0)["loss"]
+    assert torch.allclose(step0, direct_infonce(img, txt, float(SCALE)), atol=1e-5)
+    ramp = warm(img, txt, SCALE, img_m, txt_m, alpha=0.2)["loss"]
+    assert not torch.allclose(ramp, warm(img, txt, SCALE, img_m, txt_m)["loss"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Local
 
@@ -239,6 +274,189 @@ def test_knowledge_tokens_weigh_more_and_padding_weighs_nothing():
 
 
 # ---------------------------------------------------------------------------------------------
+# MGCA: clipped attention weights and the patch->word direction
+
+
+def mgca_clip_loop(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MGCA's per-sample clipping (mgca_module.py L140-152) with its torch.quantile, then renormalised."""
+    out = []
+    for a, m in zip(attn, mask):
+        a = a.clone()
+        lo, hi = torch.quantile(a[m], 0.1), torch.quantile(a[m], 0.9)
+        a[m] = a[m].clip(lo, hi)
+        a[~m] = 0
+        out.append(a / a.sum())
+    return torch.stack(out)
+
+
+def test_clipped_attention_weights_equal_mgca_per_sample_quantiles():
+    g = torch.Generator().manual_seed(4)
+    attn = torch.rand(6, 20, generator=g) ** 3  # skewed, like [CLS] attention
+    lengths = torch.tensor([20, 13, 7, 2, 1, 11])
+    mask = torch.arange(20)[None] < lengths[:, None]
+    mask[5] = torch.rand(20, generator=g) < 0.5  # not a prefix
+    w = clipped_attention_weights(attn, mask)
+    assert torch.allclose(w, mgca_clip_loop(attn, mask), atol=1e-6)
+    assert torch.allclose(w.sum(1), torch.ones(6)) and (w[~mask] == 0).all()
+    # clipping changed something: the largest raw weight is pulled down to the 90% quantile
+    assert (w[0].max() / w[0].min()) < (attn[0].max() / attn[0].min())
+    # ViT patches: no mask = all valid
+    assert torch.allclose(clipped_attention_weights(attn), mgca_clip_loop(attn, torch.ones_like(mask)), atol=1e-6)
+
+
+def mgca_local_loop(words, patches, mask, word_w, patch_w, tau=0.1, patch_direction=True):
+    """MGCA's token-level loss written per sample (mgca_module.py L126-223, dot-product attention)."""
+    B, P = patches.shape[:2]
+    total = words.new_zeros(())
+    for b in range(B):
+        v = mask[b]
+        t, wt, p = words[b][v], word_w[b][v], patches[b]
+        for q, k, w in ((t, p, wt), (p, t, patch_w[b])) if patch_direction else ((t, p, wt),):
+            attn = torch.softmax(q @ k.T / tau, dim=-1)
+            c = F.normalize(attn @ k, dim=-1)
+            s = q @ c.T / tau
+            tgt = torch.arange(q.shape[0])
+            total = total + 0.5 * ((w * F.cross_entropy(s, tgt, reduction="none")).sum()
+                                   + (w * F.cross_entropy(s.T, tgt, reduction="none")).sum())
+    return total / B
+
+
+def mgca_inputs():
+    tokens, patches, mask, _ = local_inputs(B=4, L=12, P=9)
+    g = torch.Generator().manual_seed(8)
+    word_w = clipped_attention_weights(torch.rand(4, 12, generator=g), mask)
+    patch_w = clipped_attention_weights(torch.rand(4, 9, generator=g))
+    return tokens, patches, mask, word_w, patch_w
+
+
+def test_mgca_local_loss_vectorised_equals_per_sample_loop():
+    tokens, patches, mask, word_w, patch_w = mgca_inputs()
+    out = MGCALocalLoss(0.1)(tokens, patches, mask, word_w, patch_w)
+    assert torch.allclose(out["loss"], mgca_local_loop(tokens, patches, mask, word_w, patch_w), atol=1e-5)
+    assert torch.allclose(out["loss"], out["loss_word"] + out["loss_patch"], atol=1e-6)
+    # a CNN tower has no [CLS] attention: None means uniform 1/P over patches
+    uniform = torch.full((4, 9), 1 / 9)
+    assert torch.allclose(MGCALocalLoss(0.1)(tokens, patches, mask, word_w)["loss"],
+                          mgca_local_loop(tokens, patches, mask, word_w, uniform), atol=1e-5)
+    # word direction alone is LocalAlignmentLoss
+    word_only = MGCALocalLoss(0.1, patch_direction=False)(tokens, patches, mask, word_w)
+    assert torch.allclose(word_only["loss"], LocalAlignmentLoss(0.1)(tokens, patches, mask, word_w)["loss"], atol=1e-6)
+
+
+def test_mgca_patch_direction_is_a_real_term_with_gradient_to_the_patches():
+    tokens, patches, mask, word_w, patch_w = mgca_inputs()
+    patches = patches.clone().requires_grad_()
+    both = MGCALocalLoss(0.1)(tokens, patches, mask, word_w, patch_w)
+    word_only = MGCALocalLoss(0.1, patch_direction=False)(tokens, patches, mask, word_w, patch_w)
+    assert both["loss_patch"] > 0.1 and word_only["loss_patch"] == 0
+    assert not torch.allclose(both["loss"], word_only["loss"])
+    g_both = torch.autograd.grad(both["loss"], patches)[0]
+    g_word = torch.autograd.grad(word_only["loss"], patches)[0]
+    assert (g_both - g_word).abs().max() > 1e-3  # the patch->word term sends its own gradient to the patches
+    # padded words are masked out of the patches' attention: garbage there changes nothing
+    t2 = tokens.clone()
+    t2[~mask] = unit(int((~mask).sum()), 16, seed=21)
+    assert torch.allclose(MGCALocalLoss(0.1)(t2, patches, mask, word_w, patch_w)["loss"], both["loss"], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# GLoRIA on unnormalised features
+
+
+def gloria_inputs(B=6, L=11, P=10, D=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = 3.0 * torch.randn(B, L, D, generator=g)  # unnormalised, as GLoRIA's BERT features
+    regions = 2.0 * torch.randn(B, P, D, generator=g)
+    lengths = torch.tensor([L, 3, 7, 1, 5, 9, 4, 8][:B])
+    mask = torch.arange(L)[None] < lengths[:, None]
+    mask[2] = torch.tensor([0, 1, 1, 0, 1, 1, 1, 1, 0, 1, 0][:L]).bool()  # words need not be a prefix
+    return words, regions, mask
+
+
+@pytest.mark.parametrize("agg", ["sum", "mean"])
+@pytest.mark.parametrize("chunk_words,cache", [(1, "raw+q"), (12, "raw"), (30, "none"), (10_000, "raw+q")])
+def test_gloria_vectorised_equals_gloria_per_report_loop(agg, chunk_words, cache):
+    words, regions, mask = gloria_inputs()
+    w1, r1 = words.clone().requires_grad_(), regions.clone().requires_grad_()
+    w2, r2 = words.clone().requires_grad_(), regions.clone().requires_grad_()
+    vec = GloriaLocalLoss(agg=agg, chunk_words=chunk_words, cache=cache)(w1, r1, mask)["loss"]
+    ref = gloria_local_loop(w2, r2, mask, agg=agg)
+    assert torch.allclose(vec, ref, atol=1e-5)
+    vec.backward()
+    ref.backward()
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-5) and torch.allclose(r1.grad, r2.grad, atol=1e-5)
+    assert r1.grad.abs().max() > 1e-4  # a real gradient, not zeros on both sides
+    assert w1.grad[~mask].abs().max() == 0  # padding words get none
+    with torch.no_grad():  # evaluation keeps no cache and gives the same value
+        assert torch.allclose(GloriaLocalLoss(agg=agg, chunk_words=chunk_words, cache=cache)(w1, r1, mask)["loss"], ref)
+
+
+def test_gloria_direction_weights_and_padding():
+    words, regions, mask = gloria_inputs(seed=2)
+    mean = GloriaLocalLoss()(words, regions, mask)
+    summed = GloriaLocalLoss(i2t_weight=1.0, t2i_weight=1.0)(words, regions, mask)  # GLoRIA's l_loss0 + l_loss1
+    assert torch.allclose(summed["loss"], mean["loss_i2t"] + mean["loss_t2i"], atol=1e-5)
+    ref = gloria_local_loop(words, regions, mask, i2t_weight=1.0, t2i_weight=1.0)
+    assert torch.allclose(summed["loss"], ref, atol=1e-5)
+    garbage = words.clone()
+    garbage[~mask] = 100.0 * torch.randn(int((~mask).sum()), 24)
+    assert torch.allclose(GloriaLocalLoss()(garbage, regions, mask)["loss"], mean["loss"], atol=1e-5)
+    with pytest.raises(ValueError, match="at least one word"):
+        GloriaLocalLoss()(words, regions, mask & (torch.arange(6)[:, None] != 3))
+
+
+def planted(normalise: bool):
+    """Each word w of report b has its own region k(w) in image b, a scaled copy of the word; the other
+    regions are weak noise."""
+    B, L, P, D = 3, 6, 49, 64
+    g = torch.Generator().manual_seed(5)
+    words = torch.randn(B, L, D, generator=g)
+    regions = 0.05 * torch.randn(B, P, D, generator=g)
+    k = torch.stack([torch.randperm(P, generator=g)[:L] for _ in range(B)])  # (B, L) planted region per word
+    regions[torch.arange(B)[:, None], k] = 3.0 * words
+    mask = torch.ones(B, L, dtype=torch.bool)
+    if normalise:
+        words, regions = F.normalize(words, dim=-1), F.normalize(regions, dim=-1)
+    return words, regions, mask, k
+
+
+def test_gloria_attention_puts_its_weight_on_the_planted_region_of_each_word():
+    words, regions, mask, k = planted(normalise=False)
+    B, L, P = k.shape[0], k.shape[1], regions.shape[1]
+    attn = gloria_attention(words, regions, 4.0, mask)  # (T, I, L, P)
+    assert torch.allclose(attn.sum(-1), torch.ones(B, B, L), atol=1e-5)
+    on_planted = attn[torch.arange(B), torch.arange(B)].gather(2, k[..., None]).squeeze(2)  # (B, L)
+    assert (on_planted >= 10.0 / P).all()
+    # the loss reports the same attention for the matched pairs (GLoRIA's att_maps)
+    out = GloriaLocalLoss(chunk_words=7)(words, regions, mask)
+    assert torch.allclose(out["attention"], attn[torch.arange(B), torch.arange(B)], atol=1e-6)
+    # the reason inputs must not be normalised: on unit vectors the same attention is almost uniform
+    wn, rn, _, _ = planted(normalise=True)
+    flat = gloria_attention(wn, rn, 4.0, mask)[torch.arange(B), torch.arange(B)].gather(2, k[..., None])
+    assert (flat < 3.0 / P).all()
+    assert GloriaLocalLoss()(wn, rn, mask)["word_norm"] == pytest.approx(1.0)
+
+
+def test_aggregate_wordpieces_sums_the_pieces_of_each_word_like_gloria():
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 7, 5, generator=g).requires_grad_()
+    # [CLS] pneu ##mo ##thorax is small [SEP] | [CLS] no effusion [SEP] [PAD] [PAD] [PAD]
+    index = torch.tensor([[0, 1, 1, 1, 2, 3, -1], [0, 1, 2, -1, -1, -1, -1]])
+    words, mask = aggregate_wordpieces(tokens, index)
+    assert words.shape == (2, 4, 5)
+    assert mask.tolist() == [[True] * 4, [True, True, True, False]]
+    expected = torch.zeros(2, 4, 5)
+    for b in range(2):  # GLoRIA's aggregate_tokens: torch.stack(token_bank).sum(axis=0), zero padding
+        for j in range(7):
+            if index[b, j] >= 0:
+                expected[b, index[b, j]] += tokens[b, j].detach()
+    assert torch.allclose(words, expected, atol=1e-6)
+    assert torch.allclose(words[0, 1], tokens[0, 1:4].sum(0))
+    words.sum().backward()
+    assert tokens.grad[index >= 0].eq(1).all() and tokens.grad[index < 0].eq(0).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Category
 
 
@@ -294,6 +512,36 @@ def test_hard_negatives_are_never_the_positive_nor_a_guarded_pair():
     assert neg_t.tolist() == [1, 0]
 
 
+def test_hard_negatives_follow_softmax_of_cosine_over_temperature():
+    B = 64
+    g = torch.Generator().manual_seed(0)
+    sim = 0.02 * torch.randn(B, B, generator=g)  # cosine ~0 for unrelated pairs
+    sim.fill_diagonal_(1.0)
+    hard = (torch.arange(B) + 1) % B  # one planted look-alike per image (and, transposed, per text)
+    sim[torch.arange(B), hard] = 0.9
+    draws = 100
+
+    def hits(temperature: float) -> tuple[float, float]:
+        gen = torch.Generator().manual_seed(1)
+        t_hit = i_hit = 0
+        for _ in range(draws):
+            neg_t, neg_i = mine_hard_negatives(sim, temperature=temperature, generator=gen)
+            assert (neg_t != torch.arange(B)).all()
+            t_hit += int((neg_t == hard).sum())
+            i_hit += int((hard[neg_i] == torch.arange(B)).sum())  # text j's look-alike image is j-1
+        return t_hit / (draws * B), i_hit / (draws * B)
+
+    uniform = 1 / (B - 1)
+    t_rate, i_rate = hits(0.07)  # ALBEF: softmax(sim / temp), temp 0.07
+    assert t_rate >= 10 * uniform and i_rate >= 10 * uniform
+    t_flat, _ = hits(1.0)  # cosine without the temperature: barely above uniform
+    assert t_flat < 4 * uniform
+    # the generator makes the draws reproducible
+    a = mine_hard_negatives(sim, generator=torch.Generator().manual_seed(9))
+    b = mine_hard_negatives(sim, generator=torch.Generator().manual_seed(9))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_every_loss_term_has_finite_gradients():
     img, txt = paired(B=6)
     img, txt = img.requires_grad_(), txt.requires_grad_()
@@ -306,6 +554,7 @@ def test_every_loss_term_has_finite_gradients():
         GlobalContrastiveLoss(0.4, True)(img, txt, scale, img.detach(), txt.detach(), lab)["loss"],
         LocalAlignmentLoss()(tokens, patches, mask, local_token_weights(mask, entity, 2.0))["loss"],
         GloriaLocalLoss()(tokens, patches, mask)["loss"],
+        MGCALocalLoss()(tokens, patches, mask, local_token_weights(mask, entity, 1.0))["loss"],
         CategoryLoss()(img, txt, protos, lab)["loss"],
     ]
     for loss in losses:
