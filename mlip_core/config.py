@@ -95,7 +95,8 @@ class LossConfig:
     soft_alpha: float = 0.4  # targets (1-a)*onehot + a*softmax(sim_m / tau)
     alpha_warmup: bool = True  # ALBEF: a * min(1, step / steps_per_epoch) during the first epoch
     knowledge_negatives: bool = True  # same non-empty positive finding set => not a negative
-    global_i2t_weight: float = 0.5  # weight of image->text in the global InfoNCE (text->image gets 1 - it)
+    global_i2t_weight: float = 0.5  # weight of image->text in the global InfoNCE
+    global_t2i_weight: float | None = None  # weight of text->image; None = 1 - global_i2t_weight
     # 2. Local alignment: "none" | "mlip" (token-knowledge-patch) | "mgca" (token-patch) | "gloria".
     local: str = "mlip"
     weight_local: float = 1.0
@@ -181,11 +182,13 @@ def _baseline(cfg: Config) -> LossConfig:
 def convirt(cfg: Config) -> None:
     """ConVIRT (Zhang et al., arXiv 2010.00747): the global InfoNCE alone, both directions.
 
-    Faithful: temperature tau = 0.1, fixed (Sec. 3, "tau = 0.1"); the image->text term weighted lambda = 0.75
-    and text->image 1 - lambda (Eq. 3, "lambda = 0.75"); two-layer projection heads to a shared space.
-    Remaining differences: the projections use GELU (ConVIRT: ReLU) and end at d = 128 (ConVIRT: 512); the towers
-    are the book's (ConVIRT: ResNet-50 + ClinicalBERT with the first 6 layers frozen); ConVIRT samples one
-    random sentence of the report per step, we encode the whole report; no official code exists to compare.
+    Faithful: temperature tau = 0.1, fixed; the image->text term l(v->u) weighted lambda = 0.75 and text->image
+    1 - lambda (Sec. 2.2 and the hyperparameters of Sec. 3); a projection head on each side to a shared space.
+    Remaining differences: our heads are 2-layer GELU MLPs to d = 128 (ConVIRT: one hidden ReLU layer to 512);
+    the report vector is the text tower's mean over tokens (ConVIRT max-pools BERT's outputs); ConVIRT samples one
+    random sentence of the report per step, we encode the whole report; the towers are the book's (ConVIRT:
+    ResNet-50 + ClinicalBERT with the first 6 layers frozen). No official code exists to compare; the paper's
+    equation numbers could not be checked offline.
     """
     loss = _baseline(cfg)
     loss.global_i2t_weight = 0.75
@@ -196,20 +199,24 @@ def convirt(cfg: Config) -> None:
 def gloria(cfg: Config) -> None:
     """GLoRIA (Huang et al., ICCV 2021; marshuang80/gloria): global InfoNCE + word-region attention.
 
-    Faithful: the local loss reads *unnormalised* word and region features (gloria/loss/gloria_loss.py
-    ``local_loss``/``attention_fn``), sub-word tokens summed into words (gloria/models/text_model.py
-    ``aggregate_tokens``), temp1 = 4 (attention sharpening), temp2 = 5 (word aggregation), temp3 = 10 (logit
-    scale of both the local and the global loss, i.e. a fixed temperature 0.1; configs/chexpert_pretrain_config
-    ``model.gloria``), local and global weights 1 and 1; the region grid is the mid-level CNN map (GLoRIA:
-    ResNet-50 layer3, 19x19 at 299 px).
-    Remaining differences: our local features pass a 2-layer projection head (GLoRIA: a 1x1 conv on regions and
-    a linear layer on words, to 768); the towers are the book's; the word/sentence features come from the last
-    layer (GLoRIA sums the last four BERT layers).
+    Faithful: the local loss reads *unnormalised* features (gloria/loss/gloria_loss.py ``attention_fn`` L20-58,
+    ``local_loss`` L87-135): the text tower's raw word features (no projection, gloria/models/text_model.py L26)
+    with sub-word pieces summed into words (``aggregate_tokens``, L100-115, ``agg='sum'``), and regions linearly
+    projected to the word width without bias (vision_model.py L22-29: a 1x1 conv); temp1 = 4, temp2 = 5, temp3 =
+    10, local and global weights 1 and 1 (configs/pretrain/chexpert_gloria_pretrain_config.yaml L31-35); both
+    the local and the global loss *sum* their two directions (gloria_model.py L79-80); the global logits are
+    cosine x temp3, a fixed temperature 0.1 (gloria_loss.py L61-84); regions are the mid-level CNN map (GLoRIA:
+    ResNet-50 layer3, 19x19).
+    Remaining differences: the global features pass our 2-layer heads to d = 128 (GLoRIA: a linear layer to 768
+    on the image, none on the text); words and sentence come from the text tower's last layer (GLoRIA sums the
+    last four BERT layers and averages over all 97 positions, padding included); the words exclude [CLS] (GLoRIA
+    keeps it) and keep [UNK]; the towers are the book's (GLoRIA: ResNet-50 at 299 px + Bio_ClinicalBERT).
     """
     loss = _baseline(cfg)
     loss.local = "gloria"
     loss.local_word_weights = "uniform"
     loss.weight_local = 1.0
+    loss.global_i2t_weight = loss.global_t2i_weight = 1.0
     cfg.model.init_temperature = 1.0 / loss.gloria_temp3
     cfg.model.learn_temperature = False
 
@@ -217,14 +224,19 @@ def gloria(cfg: Config) -> None:
 def mgca(cfg: Config) -> None:
     """MGCA (Wang et al., NeurIPS 2022; HKU-MedAI/MGCA): global + bidirectional token-level + prototypes.
 
-    Faithful (mgca/models/mgca/mgca_module.py): global temperature 0.07, fixed (``softmax_temperature``);
-    token-level loss both ways, word->patch and patch->word, local temperature 0.1, each direction's
+    Faithful (mgca/models/mgca/mgca_module.py): global temperature 0.07, fixed (L37), both directions summed
+    (L109); token-level loss ``loss_word + loss_patch`` (L223), word->patch and patch->word by dot-product
+    softmax attention (``use_local_atten=False``, L48), local temperature 0.1 (L44), each direction's
     cross-entropy weighted by attention-derived weights: words by the text tower's last-layer [CLS] attention
-    clipped to its 10-90% quantiles; 500 free prototypes, temperature 0.2, Sinkhorn eps 0.05 with 3 iterations,
-    frozen during the first epoch (``freeze_prototypes_epochs = 1``); loss weights lambda 1, 1, 1.
+    clipped to its 10-90% quantiles; 500 free prototypes (L46), temperature 0.2 (L45), Sinkhorn eps 0.05 with
+    3 iterations (L55-56), frozen during the first epoch (L54, L341); embedding d = 128 (L36); loss weights
+    lambda 1, 1, 1 (the argparse defaults that runs used, L428-430, L486).
     Remaining differences: with a CNN image tower there is no ViT [CLS]->patch attention, so the patch->word
-    direction weights patches uniformly; the token attention is a dot-product softmax (MGCA: a one-head
-    ``nn.MultiheadAttention``); no SupCon term (MGCA has none); the towers are the book's (MGCA: ViT-B/16 + BioClinicalBERT).
+    direction weights patches uniformly (as MGCA does for CNNs, L185-189); padded words are masked out of the
+    word loss's negatives (MGCA keeps them); MGCA's word weights are shifted by one token (L tokens, L-1
+    attention values) and its words include [SEP] and exclude [CLS], ours exclude both with aligned weights;
+    projection heads are 2-layer GELU MLPs (MGCA: 768->2048->128 with BatchNorm); the towers are the book's
+    (MGCA: ViT-B/16 + Bio_ClinicalBERT).
     """
     loss = _baseline(cfg)
     loss.local = "mgca"
@@ -238,6 +250,7 @@ def mgca(cfg: Config) -> None:
     loss.supcon = False
     loss.proto_temperature = 0.2
     loss.freeze_prototypes_epochs = 1
+    loss.global_i2t_weight = loss.global_t2i_weight = 1.0
     cfg.model.num_free_prototypes = 500
     cfg.model.init_temperature = 0.07
     cfg.model.learn_temperature = False

@@ -146,7 +146,7 @@ class GlobalTerm(Term):
         super().__init__()
         self.lc = lc
         self.loss = GlobalContrastiveLoss(lc.soft_alpha if lc.divergence else 0.0, lc.knowledge_negatives,
-                                          i2t_weight=lc.global_i2t_weight)
+                                          i2t_weight=lc.global_i2t_weight, t2i_weight=lc.global_t2i_weight)
 
     def alpha(self, progress: Progress) -> float:
         """ALBEF (Pretrain.py): ``alpha * min(1, i / len(loader))`` in the first epoch."""
@@ -179,8 +179,12 @@ class LocalTerm(Term):
         if lc.local_word_weights not in ("knowledge", "uniform", "cls_attention"):
             raise ValueError(f"loss.local_word_weights={lc.local_word_weights!r}; choose knowledge, uniform or "
                              "cls_attention")
-        self.image_proj = ProjectionHead(dims.patch, dims.local_hidden, dims.embed)
-        self.text_proj = ProjectionHead(dims.text, dims.local_hidden, dims.embed)
+        if lc.local == "gloria":  # GLoRIA: raw word features; regions linearly projected to their width
+            self.image_proj: nn.Module = nn.Linear(dims.patch, dims.text, bias=False)
+            self.text_proj: nn.Module = nn.Identity()
+        else:
+            self.image_proj = ProjectionHead(dims.patch, dims.local_hidden, dims.embed)
+            self.text_proj = ProjectionHead(dims.text, dims.local_hidden, dims.embed)
         self.fuse = lc.local == "mlip" and lc.knowledge_fusion
         if self.fuse:
             if entity_embeddings is None:
@@ -189,7 +193,9 @@ class LocalTerm(Term):
             self.status_embedding = nn.Embedding(2, dims.text)  # 0 negated, 1 uncertain
             nn.init.normal_(self.status_embedding.weight, std=0.02)
         if lc.local == "gloria":
-            self.loss = GloriaLocalLoss(lc.gloria_temp1, lc.gloria_temp2, lc.gloria_temp3)
+            # GLoRIA sums the two directions of both its losses (gloria_model.py L79-80): the global weights
+            self.loss = GloriaLocalLoss(lc.gloria_temp1, lc.gloria_temp2, lc.gloria_temp3,
+                                        i2t_weight=lc.global_i2t_weight, t2i_weight=lc.global_t2i_weight)
         elif lc.local_patch_direction:  # MGCA's two directions; a CNN tower weights patches uniformly
             self.loss = MGCALocalLoss(lc.local_temperature, patch_direction=True)
         else:

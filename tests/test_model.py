@@ -127,8 +127,9 @@ def test_every_named_config_gives_finite_loss_terms_and_gradients(name, batch):
     assert {"image_tower", "text_tower", "image_proj", "text_proj"} <= trained
     # the baselines keep their papers' fixed temperature
     assert ("logit_scale" in trained) == model.config.model.learn_temperature
-    if "local" in terms:
-        assert {"objective.terms.local.image_proj", "objective.terms.local.text_proj"} <= trained
+    if "local" in terms:  # GLoRIA reads the raw word features: only its region projection has weights
+        assert "objective.terms.local.image_proj" in trained
+        assert ("objective.terms.local.text_proj" in trained) == (lc.local != "gloria")
     if "category" in terms:
         assert "objective.terms.category.prototypes" in trained
     if "itm" in terms:
@@ -464,3 +465,22 @@ def test_each_ablation_differs_from_mlip_in_its_part_only():
         assert {k for k in full if full[k] != ablated[k]} == keys
     with pytest.raises(ValueError, match="mlip_no_swap"):
         named_config("mlip_no_everything")
+
+
+def test_gloria_config_feeds_raw_unnormalised_words_and_regions_to_its_attention(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("gloria"))
+    out = model(batch)
+    # GLoRIA's word softmax needs raw dot products; L2-normalised inputs would report norms of exactly 1
+    assert abs(float(out["local_word_norm"]) - 1.0) > 0.1 and abs(float(out["local_region_norm"]) - 1.0) > 1e-3
+    lc = model.config.loss
+    assert (lc.global_i2t_weight, lc.global_t2i_weight) == (1.0, 1.0)  # GLoRIA sums both directions
+    assert not model.config.model.learn_temperature and model.config.model.init_temperature == pytest.approx(0.1)
+
+
+def test_mgca_config_runs_both_token_directions(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("mgca"))
+    out = model(batch)
+    assert float(out["local_loss_word"]) > 0 and float(out["local_loss_patch"]) > 0
+    assert torch.allclose(out["loss_local"], out["local_loss_word"] + out["local_loss_patch"], atol=1e-5)
