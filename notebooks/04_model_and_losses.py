@@ -144,8 +144,17 @@ pd.DataFrame([
     ("report token features", tuple(txt.tokens.shape)),
     ("token_entity (entity index, -1 none)", tuple(batch["token_entity"].shape)),
     ("shared embedding d", (cfg.model.embed_dim,)),
-    ("prototypes", tuple(model.prototypes.shape)),
+    ("prototypes (category term)", tuple(model.objective.terms["category"].prototypes.shape)),
 ], columns=["tensor", "shape"])
+
+# %% [markdown]
+# The model only computes features; the loss terms live in `mlip_core.objective`, built from the config —
+# one module per term, each owning the heads only it uses — and summed there with their weights:
+
+# %%
+pd.DataFrame([{"term": name, "weight": model.objective.weights[name],
+               "own parameters": sum(p.numel() for p in term.parameters())}
+              for name, term in model.objective.terms.items()])
 
 # %% [markdown]
 # One forward pass returns the weighted total, every term and the diagnostics the trainer logs:
