@@ -257,24 +257,31 @@ def test_mlip_resume_after_interruption_is_bitwise_equal(mlip_full_run, tiny_wor
     assert cut_hist == full_hist
 
 
-def test_mlip_torchrun_two_gloo_processes_completes_and_global_terms_agree(tiny_world, mlip_full_run):
-    """The real MLIP under torchrun (2 CPU processes, gloo). Terms computed on gathered features agree with one
-    process at step 1; BatchNorm statistics and per-rank terms (ITM hard negatives) make later steps differ."""
-    from mlip_core.train import read_metrics
+def test_mlip_torchrun_two_gloo_processes_completes_and_global_terms_agree(tiny_world):
+    """The real MLIP under torchrun (2 CPU processes, gloo) against one process, with frozen towers (BatchNorm in
+    eval mode, no dropout: each sample's features do not depend on how the batch is split over ranks). Terms
+    computed on gathered features then agree at step 1; per-rank terms (ITM hard negatives) differ later."""
+    from mlip_core.train import main, read_metrics
 
-    out = tiny_world / "ddp"
+    frozen = ["--set", "model.image.frozen_stages=4", "--set", "model.text.freeze_layers=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLIP_WORKSPACE": str(tiny_world / "ws")}
+    one_dir, out = tiny_world / "frozen_one", tiny_world / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlip_core.train", *MLIP_ARGS, *frozen, "--data", str(tiny_world / "world"),
+         "--out", str(one_dir), "--max-steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "mlip_core.train", *MLIP_ARGS, "--data", str(tiny_world / "world"), "--out", str(out), "--max-steps", "2"],
+         "mlip_core.train", *MLIP_ARGS, *frozen, "--data", str(tiny_world / "world"), "--out", str(out),
+         "--max-steps", "2"],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = read_metrics(out, "step")
-    one = read_metrics(mlip_full_run, "step")
+    one = read_metrics(one_dir, "step")
     assert [r["step"] for r in two] == [1, 2]
     for term in ("loss_global", "loss_local"):
-        assert two[0][term] == pytest.approx(one[0][term], rel=0.05), term
-    assert read_metrics(out, "val")[-1]["val_n"] == read_metrics(mlip_full_run, "val")[-1]["val_n"]
+        assert two[0][term] == pytest.approx(one[0][term], rel=1e-3), term
+    assert read_metrics(out, "val")[-1]["val_n"] == read_metrics(one_dir, "val")[-1]["val_n"]
 
 
 def test_rerunning_a_finished_run_keeps_its_metrics_and_final_validation(tmp_path):
