@@ -127,9 +127,6 @@ def differences_vs(summary: pd.DataFrame, reference: str, task: str, metric: str
 
 def write_run_table(runs: pd.DataFrame, path: str | os.PathLike) -> Path:
     """The runs table as CSV (run folders and exports, for the chapters that read the towers)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    runs.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    from mlip_core.checkpoint import atomic_write
+
+    return atomic_write(path, lambda fh: runs.to_csv(fh, index=False), "w")

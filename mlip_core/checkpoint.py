@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, IO
 
 import numpy as np
 import torch
@@ -45,14 +45,16 @@ class CheckpointError(RuntimeError):
 # Atomic writes
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "wb") -> Path:
+    """Call ``write(fh)`` on a temporary file beside ``path``, fsync, then rename over ``path``: readers see the
+    old file or the whole new one, never a torn one. ``mode`` "w" opens text (UTF-8, no newline translation)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -61,6 +63,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -13,14 +13,13 @@ Tables and claims in the prose are then computed from these files, never typed.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from mlip_core.checkpoint import atomic_write
 from mlip_core.paths import workspace
 
 __all__ = ["RESULT_COLUMNS", "write_results", "read_results", "results_path", "mean_std", "compare"]
@@ -64,18 +63,7 @@ def write_results(rows_or_df: pd.DataFrame | Iterable[Mapping], notebook: str, e
                          f"{int(bad.sum())} rows are not, e.g. {df.loc[bad, 'value'].iloc[0]!r}")
     df["value"] = values
     df = df[RESULT_COLUMNS + extra]
-    path = results_path(notebook)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            df.to_csv(fh, index=False, lineterminator="\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(results_path(notebook), lambda fh: df.to_csv(fh, index=False, lineterminator="\n"), "w")
 
 
 def read_results(notebook: str) -> pd.DataFrame:
