@@ -123,7 +123,7 @@ runs[["config", "seed", "steps", "train_s", "i2t_R@10", "t2i_R@10"]].round(1)
 # %%
 glue("abl_runs", len(runs), display=False)
 glue("abl_steps", int(runs["steps"].iloc[0]), display=False)
-glue("abl_train_minutes", round(runs["train_s"].sum() / 60, 1), display=False)
+glue("abl_train_minutes", f"{runs['train_s'].sum() / 60:.1f}", display=False)
 speed = runs.groupby("config")["train_s"].mean()
 print(f"{len(runs)} runs of {int(runs['steps'].iloc[0])} optimizer steps each; "
       f"training time per run from {speed.min():.0f} s ({speed.idxmin()}) to {speed.max():.0f} s ({speed.idxmax()})")
@@ -251,10 +251,19 @@ print(f"\nComparisons against full MLIP where removing a part (or using a baseli
                                           if len(wins) else ""))
 print(f"... and better beyond the spread: {len(losses)}"
       + (": " + ", ".join(f"{r.method} ({r.measure})" for r in losses.itertuples()) if len(losses) else ""))
+for f in fractions:
+    probe_f = summary[(summary["task"] == "linear_probe") & np.isclose(summary["fraction"].astype(float), f)]
+    means = probe_f.set_index("method")["mean"]
+    init = means.get("ImageNet init", np.nan)
+    above = [m for m in names if m in means and means[m] > init]
+    print(f"probe at {f:.0%}: {len(above)} of {len(names)} pretrained rows above ImageNet init ({init:.3f})"
+          + (f": {', '.join(above)}" if above else " — pretraining this short moved the ImageNet features away "
+             "from what separates the findings faster than it taught them anything new"))
 mlip_vs_convirt = differences_vs(summary[summary["method"].isin(["mlip", "convirt"])], "convirt", "linear_probe",
                                  "macro_AUROC", fractions[0])
 if len(mlip_vs_convirt):
-    glue("abl_mlip_minus_convirt_probe", round(float(mlip_vs_convirt["diff"].iloc[0]), 3), display=False)
+    glue("abl_mlip_minus_convirt_probe", f"{float(mlip_vs_convirt['diff'].iloc[0]):+.4f} "
+         f"(spread {float(mlip_vs_convirt['spread'].iloc[0]):.4f})", display=False)
     glue("abl_mlip_vs_convirt_exceeds", "exceeds" if bool(mlip_vs_convirt["exceeds"].iloc[0]) else "does not exceed",
          display=False)
 
