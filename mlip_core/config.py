@@ -1,7 +1,7 @@
 """Configuration as dataclasses: one place for every default; YAML load/save; named configurations.
 
 The baselines of the book (ConVIRT, GLoRIA, MGCA) and the MLIP ablations are *configurations of the
-same code* (../shared/DESIGN.md, "The method as we implement it"): ``named_config("mgca")`` switches
+same code* (the terms are built in :mod:`mlip_core.objective`): ``named_config("mgca")`` switches
 parts of :class:`LossConfig` on and off, it does not select another model class.
 
     cfg = named_config("mlip_no_itm")

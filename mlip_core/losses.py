@@ -6,7 +6,7 @@ knows ``rank``/``world_size`` and gathers features itself, as open_clip's ``Clip
 features of the local shard keep their gradient, the other ranks' arrive as constants, and the rows of
 the local shard are contrasted against the *global* batch. Everything is vectorised over the batch.
 
-Terms (../shared/DESIGN.md, "The method as we implement it"):
+Terms (assembled per config in :mod:`mlip_core.objective`):
 - :class:`GlobalContrastiveLoss` — InfoNCE both ways, learnable temperature, soft targets from the
   divergence (momentum) encoder as in ALBEF (arXiv 2107.07651), knowledge-guarded negatives; per-call
   ``alpha`` (ALBEF's warm-up) and direction weights (ConVIRT's lambda, arXiv 2010.00747).
