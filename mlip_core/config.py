@@ -352,12 +352,10 @@ def config_from_dict(cls: type, data: dict[str, Any], source: str = "<dict>") ->
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write ``cfg`` as YAML (atomically: temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from mlip_core.checkpoint import atomic_write
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
 def load_config(path: str | Path) -> Config:

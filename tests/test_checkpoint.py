@@ -37,6 +37,32 @@ def test_atomic_save_leaves_no_temp_file_and_keeps_old_file_when_write_fails(tmp
     assert torch.load(target, weights_only=True)["x"].sum() == 2  # the previous file is intact
 
 
+def test_two_writers_of_one_path_at_once_both_succeed(tmp_path):
+    # Two torchrun ranks cache the same entity embeddings: the second writer finishes while the first is still
+    # writing. A shared temporary name (``path.tmp``) made the first rename fail (CI, 2026-11-30).
+    target = tmp_path / "entities.pt"
+
+    def slow_writer(fh):
+        torch.save({"who": torch.tensor(1)}, fh)
+        ck.atomic_torch_save({"who": torch.tensor(2)}, target)  # the other rank, start to end
+
+    ck.atomic_write(target, slow_writer)
+    assert torch.load(target, weights_only=True)["who"].item() == 1  # the last rename wins, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entities.pt"]
+
+
+def test_entity_embeddings_and_configs_are_written_through_the_atomic_writer(tmp_path, monkeypatch):
+    from mlip_core import config as config_lib
+    from mlip_core.model import mlip as mlip_lib
+
+    written = []
+    real = ck.atomic_write
+    monkeypatch.setattr(ck, "atomic_write", lambda path, *a, **k: written.append(Path(path).name) or real(path, *a, **k))
+    config_lib.save_config(config_lib.Config(), tmp_path / "config.yaml")
+    assert written == ["config.yaml"]
+    assert mlip_lib.atomic_torch_save is ck.atomic_torch_save
+
+
 def test_truncated_checkpoint_raises_error_naming_the_file(tmp_path):
     path = ck.save_step_checkpoint(_state(3), tmp_path, 3)
     data = path.read_bytes()

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -270,12 +271,22 @@ def test_mlip_torchrun_two_gloo_processes_completes_and_global_terms_agree(tiny_
         [sys.executable, "-m", "mlip_core.train", *MLIP_ARGS, *frozen, "--data", str(tiny_world / "world"),
          "--out", str(one_dir), "--max-steps", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "mlip_core.train", *MLIP_ARGS, *frozen, "--data", str(tiny_world / "world"), "--out", str(out),
-         "--max-steps", "2"],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for attempt in (1, 2):
+        logs = tiny_world / f"ddp_logs{attempt}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "--log-dir", str(logs), "--redirects", "3", "--tee", "3", "-m", "mlip_core.train", *MLIP_ARGS, *frozen,
+             "--data", str(tiny_world / "world"), "--out", str(out / str(attempt)), "--max-steps", "2"],
+            env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            break
+        # Each rank's own stderr: the root cause is in the rank that exited first, not in its peer's
+        # "Connection closed by peer" that ends the combined output.
+        ranks = "\n".join(f"--- {p.relative_to(logs)} ---\n{p.read_text()[-2500:]}" for p in sorted(logs.rglob("stderr.log")))
+        if attempt == 1:  # one CI run (2026-11-30) lost rank 0 without a trace we kept: keep it, try once more
+            warnings.warn(f"torchrun attempt 1 failed (exit {proc.returncode}); per-rank stderr:\n{ranks}")
+    assert proc.returncode == 0, ranks
+    out = out / str(attempt)
     two = read_metrics(out, "step")
     one = read_metrics(one_dir, "step")
     assert [r["step"] for r in two] == [1, 2]

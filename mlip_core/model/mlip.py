@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -29,10 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlip_core.checkpoint import atomic_torch_save
 from mlip_core.config import Config, LossConfig
 from mlip_core.model.encoders import ImageTower, TextTower
 from mlip_core.objective import Dims, Progress, ProjectionHead, build_objective, local_token_mask
 from mlip_core.paths import workspace
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MLIP", "ProjectionHead", "embed_entities", "local_token_mask"]
 
@@ -307,7 +311,10 @@ def embed_entities(
         ).hexdigest()[:16]
         path = workspace("cache") / f"entities_{_slug(text_tower.name)}_{key}.pt"
         if path.exists():
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # a torn or foreign file: recompute and overwrite it
+                log.warning("entity embedding cache %s unreadable; recomputing", path)
     was_training = text_tower.training
     text_tower.eval()
     device = next(text_tower.parameters()).device
@@ -321,7 +328,6 @@ def embed_entities(
     text_tower.train(was_training)
     out = torch.cat(chunks) if chunks else torch.zeros(0, text_tower.hidden_dim)
     if path is not None:
-        tmp = path.with_suffix(".tmp")
-        torch.save(out, tmp)
-        tmp.replace(path)
+        # Several ranks of one torchrun may write this at once: each through its own temporary file.
+        atomic_torch_save(out, path)
     return out
