@@ -190,7 +190,9 @@ plt.show()
 #
 # `ensure_world` writes the world unless the folder already holds one made with the same parameters (a
 # re-run of this chapter is then instant). The same seed gives byte-identical files, with any number of
-# worker processes. From a terminal the same thing is
+# worker processes. The writer lists every file it writes in `mlip-world-manifest.json`; replacing a world
+# removes exactly those files, and a folder that holds MIMIC-like files without that manifest (your real
+# MIMIC-CXR-JPG copy, say) is refused with a message instead of being cleaned. From a terminal the same thing is
 # `python -m mlip_core.data.synth --out DIR --num-studies N --seed S --image-size 224`.
 #
 # Patients are drawn first (a patient has 1.5 studies on average and keeps one anatomy across them), then

@@ -201,7 +201,7 @@ def test_cli_writes_and_reports(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "wrote 5 studies" in out and "IU reports skipped" in out
     assert main(["--out", str(tmp_path / "w"), "--num-studies", "5", "--seed", "2"]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "already holds" in capsys.readouterr().err
 
 
 def test_mesh_terms_map_to_findings_with_side_zone_severity():
