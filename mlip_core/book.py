@@ -16,7 +16,10 @@ land in ``book/notebooks/`` where Jupyter Book renders them with execution off, 
 from __future__ import annotations
 
 import argparse
+import ast
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,11 +123,97 @@ def parse_overrides(pairs: list[str]) -> dict[str | None, dict[str, Any]]:
     return out
 
 
-def declared_parameters(nb_path: Path) -> dict[str, Any]:
-    """Names declared in the notebook's ``parameters`` cell (Papermill's own inference)."""
-    import papermill
+def _override_texts(pairs: list[str]) -> dict[tuple[str | None, str], str]:
+    """The text after ``=`` of each override: a str parameter takes it verbatim (``-p seeds=0`` means "0")."""
+    texts: dict[tuple[str | None, str], str] = {}
+    for pair in pairs:
+        key, raw = pair.split("=", 1)
+        notebook, _, name = key.rpartition(":")
+        texts[(notebook or None, name.strip())] = raw
+    return texts
 
-    return papermill.inspect_notebook(str(nb_path))
+
+PARAMETER_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One name assigned in a notebook's ``parameters`` cell.
+
+    ``type`` is the annotation when it is ``bool``/``int``/``float``/``str``, otherwise the type of a
+    literal default of one of those types; ``None`` (not checked) for anything else, e.g. ``x = None``.
+    ``default`` is the default as written in the cell.
+    """
+
+    name: str
+    type: type | None
+    default: str
+
+
+def parse_parameters_cell(source: str, where: str = "parameters cell") -> dict[str, Parameter]:
+    """The names a ``parameters`` cell assigns at top level, parsed with :mod:`ast`.
+
+    Comments never matter (``image_size = 64  # 1.6x faster than size=96`` declares ``image_size``),
+    nor do multi-line values; IPython magics are turned into Python first, as the kernel would.
+    """
+    try:
+        from IPython.core.inputtransformer2 import TransformerManager
+
+        source = TransformerManager().transform_cell(source)
+    except Exception:  # no IPython, or a cell it cannot transform: parse the text as it is
+        pass
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as err:
+        raise BookError(f"{where}: the parameters cell is not valid Python (line {err.lineno}: {err.msg})") from None
+    declared: dict[str, Parameter] = {}
+
+    def declare(target: ast.expr, value: ast.expr | None, annotation: ast.expr | None) -> None:
+        if isinstance(target, (ast.Tuple, ast.List)):  # a, b = 1, 2: names only
+            for element in target.elts:
+                declare(element, None, None)
+            return
+        if not isinstance(target, ast.Name):
+            return
+        kind: type | None = None
+        if isinstance(annotation, ast.Name):
+            kind = PARAMETER_TYPES.get(annotation.id)
+        elif isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
+            kind = PARAMETER_TYPES.get(annotation.value.strip())
+        default = ""
+        if value is not None:
+            default = ast.get_source_segment(source, value) or ast.unparse(value)
+            if kind is None:
+                try:
+                    literal = ast.literal_eval(value)
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                    literal = None
+                if type(literal) in PARAMETER_TYPES.values():
+                    kind = type(literal)
+        declared[target.id] = Parameter(target.id, kind, default)
+
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                declare(target, node.value, None)
+        elif isinstance(node, ast.AnnAssign):
+            declare(node.target, node.value, node.annotation)
+    return declared
+
+
+def declared_parameters(nb_path: Path) -> dict[str, Parameter]:
+    """Names declared in the notebook's ``parameters`` cell (see :func:`parse_parameters_cell`).
+
+    Papermill's own inference (``papermill.inspect_notebook``) reads the cell with a regular
+    expression and drops any line whose comment contains ``=``; :mod:`ast` has no such blind spot.
+    """
+    import nbformat
+
+    nb = nbformat.read(str(nb_path), as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        raise BookError(f"{nb_path}: no cell tagged 'parameters'")
+    return parse_parameters_cell(cells[0].source, where=str(nb_path))
 
 
 def to_ipynb(source: Path, target: Path) -> None:
@@ -149,6 +238,94 @@ def check_parameters(name: str, params: dict[str, Any], declared: dict[str, Any]
         )
 
 
+def type_error(notebook: str, key: str, value: Any, parameter: Parameter, origin: str) -> str | None:
+    """Why ``value`` does not fit ``parameter``'s declared type (``None`` when it does).
+
+    bool, int, float and str are checked; an int is accepted for a float; a parameter whose
+    default is not a literal of one of those types (``None``, a list, a call) is not checked.
+    """
+    kind = parameter.type
+    if kind is None:
+        return None
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if ok:
+        return None
+    got = "nothing (null)" if value is None else f"{value!r} ({type(value).__name__})"
+    return (
+        f"notebook {notebook!r}: parameter {key!r} is declared as {kind.__name__} "
+        f"(default {parameter.default}), but {origin} gives {got}"
+    )
+
+
+# The kernel's environment: results in the pages, not progress bars. tqdm (>= 4.66) reads TQDM_DISABLE
+# as the default of every bar it creates, libraries' included (Hugging Face downloads); a call that passes
+# ``disable=`` itself keeps its own choice (mlip_core.train's bar passes ``disable=not progress``). The
+# warning filter drops tqdm.auto's "IProgress not found" (ipywidgets is not installed, nothing is
+# interactive in a rendered page). The runner's own terminal keeps its per-notebook log and timings.
+KERNEL_ENV = {
+    "TQDM_DISABLE": "1",
+    "PYTHONWARNINGS": "ignore:IProgress not found",
+}
+
+
+def _kernel_manager_class():
+    """An ``AsyncKernelManager`` for unattended runs: the book's kernel environment, IPC sockets and a
+    quiet shutdown.
+
+    jupyter_client sends SIGINT to the kernel's process group before every shutdown (to stop a running
+    cell). After a successful notebook nothing is running, so the signal only makes ipykernel log
+    ``ERROR | KeyboardInterrupt caught in kernel`` when it lands while a message is being handled; the
+    shutdown request on the control channel (then SIGTERM, then SIGKILL) stops the kernel without it.
+    IPC transport (local sockets, Linux/macOS) replaces loopback TCP and ipykernel's "running over TCP
+    without encryption" warning.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class BookKernelManager(AsyncKernelManager):
+        _socket_dir = ""
+
+        @default("transport")
+        def _book_transport(self) -> str:
+            return "ipc" if os.name == "posix" else "tcp"
+
+        async def start_kernel(self, **kw: Any) -> None:  # type: ignore[override]
+            env = dict(kw.pop("env", None) or os.environ)
+            env.update(KERNEL_ENV)
+            existing = os.environ.get("PYTHONWARNINGS")
+            if existing:
+                env["PYTHONWARNINGS"] = f"{existing},{KERNEL_ENV['PYTHONWARNINGS']}"
+            if self.transport == "ipc" and not self._socket_dir:
+                # absolute socket paths of its own: jupyter_client's default is relative to the cwd
+                self._socket_dir = tempfile.mkdtemp(prefix="mlip-kernel-")
+                self.ip = os.path.join(self._socket_dir, "kernel")
+            await super().start_kernel(env=env, **kw)
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart and self._socket_dir:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+                self._socket_dir = ""
+
+        cleanup_resources = _async_cleanup_resources
+
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+        interrupt_kernel = _async_interrupt_kernel
+
+    return BookKernelManager
+
+
 def execute(name: str, unexecuted: Path, params: dict[str, Any], out_dir: Path, cwd: Path,
             timeout: float | None = None) -> Path:
     """Execute one converted notebook with Papermill; raise :class:`NotebookFailed` showing the failing cell."""
@@ -164,7 +341,8 @@ def execute(name: str, unexecuted: Path, params: dict[str, Any], out_dir: Path, 
             parameters=params,
             kernel_name="python3",
             cwd=str(cwd),
-            progress_bar=False,
+            progress_bar=sys.stderr.isatty(),  # cells of this notebook, in the terminal only
+            kernel_manager_class=_kernel_manager_class(),
             request_save_on_cell_execute=False,
             execution_timeout=timeout,
         )
@@ -214,10 +392,14 @@ def run_book(
         if target is not None and target not in names:
             raise BookError(f"override for {target!r}, which is not among the selected notebooks: {', '.join(names)}")
 
+    texts = _override_texts(overrides or [])
+    profile_file = book / "profiles" / f"{profile}.yaml"
+
     result = BookRun(profile=profile)
     with tempfile.TemporaryDirectory() as tmp:
         plan: list[tuple[str, Path, dict[str, Any]]] = []
         used_globals: set[str] = set()
+        type_errors: list[str] = []
         for name in names:
             source = notebooks / f"{name}.py"
             if not source.is_file():
@@ -227,14 +409,29 @@ def run_book(
             declared = declared_parameters(unexecuted)
             params = {**profile_params.get(name, {}), **parsed.get(name, {})}
             check_parameters(name, params, declared)
+            origins = {key: f"profile {profile!r} ({profile_file})" for key in profile_params.get(name, {})}
+            origins.update({key: (name, key) for key in parsed.get(name, {})})
             for key, value in parsed.get(None, {}).items():
                 if key in declared:
                     params[key] = value
+                    origins[key] = (None, key)
                     used_globals.add(key)
+            for key, value in params.items():
+                origin = origins[key]
+                if isinstance(origin, tuple):  # a -p override: a str parameter takes its text verbatim
+                    text = texts[origin]
+                    if declared[key].type is str and not isinstance(value, str):
+                        params[key] = value = text
+                    origin = f"-p {'' if origin[0] is None else origin[0] + ':'}{key}={text}"
+                problem = type_error(name, key, value, declared[key], origin)
+                if problem:
+                    type_errors.append(problem)
             plan.append((name, unexecuted, params))
         unused = sorted(set(parsed.get(None, {})) - used_globals)
         if unused:
             raise BookError(f"no selected notebook declares parameter(s) {', '.join(unused)}")
+        if type_errors:
+            raise BookError("parameter(s) of the wrong type, nothing was run:\n  " + "\n  ".join(type_errors))
 
         for name, unexecuted, params in plan:
             log(f"[book] {name}: profile={profile} {params}")

@@ -100,3 +100,131 @@ def test_missing_parameters_cell_is_a_clear_error(tmp_path):
     book, nb_dir = make_book(tmp_path, {"01_a": HEADER + "# %%\nx = 1\n"}, {"smoke": ""})
     with pytest.raises(BookError, match="parameters"):
         run_book("smoke", book=book, notebooks=nb_dir, out_dir=tmp_path / "out")
+
+
+# --- parameters cell parsing, parameter types, clean pages and a quiet run (issue 14) ---
+
+from mlip_core.book import parse_parameters_cell  # noqa: E402
+
+TYPED = (
+    HEADER + '# %% tags=["parameters"]\n'
+    "num_points = 512  # candidates; 1.6x faster than size=96\n"
+    'label = "a"  # a=b in a comment\n'
+    "lr = 2e-4\n"
+    "use_gpu = False\n"
+    "\n# %%\nprint('points', num_points, label, lr, use_gpu)\n"
+)
+
+
+def test_comment_with_equals_sign_does_not_hide_a_parameter():
+    declared = parse_parameters_cell(
+        "image_size = 64  # 1.6x faster than size=96\n"
+        "seed: int = 0  # seed=0 is the book's\n"
+        "sizes = [\n    32,  # a=b\n    64,\n]\n"
+        "name = 'x=y'\n"
+        "threshold = None  # None=off\n"
+    )
+    assert list(declared) == ["image_size", "seed", "sizes", "name", "threshold"]
+    assert declared["image_size"].type is int and declared["image_size"].default == "64"
+    assert declared["seed"].type is int
+    assert declared["name"].type is str and declared["name"].default == "'x=y'"
+    assert declared["sizes"].type is None and declared["threshold"].type is None
+
+
+def test_profile_may_set_a_parameter_whose_comment_has_an_equals_sign(tmp_path):
+    book, nb_dir = make_book(tmp_path, {"01_a": TYPED}, {"smoke": "01_a: {num_points: 3}\n"})
+    result = run_book("smoke", book=book, notebooks=nb_dir, out_dir=tmp_path / "out", log=lambda *_: None)
+    assert [r.status for r in result.runs] == ["ok"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("num_points=abc", ["'num_points'", "int", "default 512", "'abc'"]),
+        ("lr=fast", ["'lr'", "float", "default 2e-4"]),
+        ("use_gpu=3", ["'use_gpu'", "bool", "default False"]),
+        ("01_a:num_points=1.5", ["'num_points'", "int", "default 512", "1.5"]),
+    ],
+)
+def test_wrong_type_is_refused_before_the_first_chapter_runs(tmp_path, override, expected):
+    book, nb_dir = make_book(tmp_path, {"00_first": GOOD, "01_a": TYPED}, {"smoke": ""})
+    with pytest.raises(BookError) as err:
+        run_book("smoke", overrides=[override], book=book, notebooks=nb_dir, out_dir=tmp_path / "out")
+    message = str(err.value)
+    assert "01_a" in message and override in message
+    for part in expected:
+        assert part in message
+    assert not (tmp_path / "out" / "00_first.ipynb").exists(), "types are checked before anything runs"
+
+
+def test_wrong_type_in_a_profile_names_the_profile(tmp_path):
+    book, nb_dir = make_book(tmp_path, {"01_a": TYPED}, {"smoke": "01_a: {use_gpu: 'no way'}\n"})
+    with pytest.raises(BookError, match=r"'use_gpu' is declared as bool \(default False\).*profile 'smoke'"):
+        run_book("smoke", book=book, notebooks=nb_dir, out_dir=tmp_path / "out")
+
+
+def test_cli_refuses_wrong_type_with_one_message(tmp_path):
+    book, nb_dir = make_book(tmp_path, {"01_a": TYPED}, {"smoke": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlip_core.book", "--profile", "smoke", "--book-dir", str(book),
+         "--notebooks-dir", str(nb_dir), "--out", str(tmp_path / "out"), "-p", "num_points=abc"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "'num_points' is declared as int (default 512)" in proc.stderr and "01_a" in proc.stderr
+
+
+def test_fitting_types_pass_and_str_overrides_keep_their_text(tmp_path):
+    book, nb_dir = make_book(tmp_path, {"01_a": TYPED}, {"smoke": ""})
+    run_book("smoke", overrides=["lr=1", "label=007", "num_points=4", "use_gpu=true"], book=book,
+             notebooks=nb_dir, out_dir=tmp_path / "out", log=lambda *_: None)
+    executed = nbformat.read(tmp_path / "out" / "01_a.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "points 4 007 1 True" in printed
+
+
+PROGRESS = (
+    HEADER + '# %% tags=["parameters"]\nsteps = 50\n\n'
+    "# %%\nfrom tqdm.auto import tqdm\nimport tqdm as plain\n"
+    "total = 0\nfor i in tqdm(range(steps), desc='training'):\n    total += i\n"
+    "for i in plain.trange(steps):\n    total += i\nprint('total', total)\n"
+)
+PROGRESS_BAR_MARKS = ("it/s]", "%|", "IProgress", "training:")
+
+
+def test_executed_pages_keep_results_not_progress_bars(tmp_path):
+    book, nb_dir = make_book(tmp_path, {"01_a": PROGRESS}, {"smoke": ""})
+    run_book("smoke", book=book, notebooks=nb_dir, out_dir=tmp_path / "out", log=lambda *_: None)
+    executed = nbformat.read(tmp_path / "out" / "01_a.ipynb", as_version=4)
+    outputs = [str(o) for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any("total 2450" in o for o in outputs)
+    bars = [o for o in outputs for mark in PROGRESS_BAR_MARKS if mark in o]
+    assert not bars, f"progress bars in the executed page: {bars[:3]}"
+
+
+def test_kernel_is_not_interrupted_at_shutdown():
+    """jupyter_client sends SIGINT before every shutdown; ipykernel then logs 'ERROR | KeyboardInterrupt'."""
+    import asyncio
+
+    from mlip_core.book import _kernel_manager_class
+
+    km = _kernel_manager_class()(kernel_name="python3")
+    km.shutting_down = True
+    asyncio.run(km._async_interrupt_kernel())  # no kernel: the stock manager would raise here
+    km.shutting_down = False
+    with pytest.raises(RuntimeError):
+        asyncio.run(km._async_interrupt_kernel())
+
+
+def test_successful_run_logs_no_error_and_no_tcp_warning(tmp_path):
+    book, nb_dir = make_book(tmp_path, {"01_a": GOOD}, {"smoke": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlip_core.book", "--profile", "smoke", "--book-dir", str(book),
+         "--notebooks-dir", str(nb_dir), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "ERROR" not in log and "KeyboardInterrupt" not in log, log
+    assert "without encryption" not in log, log
