@@ -41,3 +41,28 @@ def test_notebook_runs_with_smoke_profile(name, book_workspace, tmp_path):
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert (tmp_path / "executed" / f"{name}.ipynb").is_file()
+
+
+CHEAPEST = "00_quickstart"  # about 10 s with the smoke profile, no earlier chapter needed
+PROGRESS_BAR_MARKS = ("it/s]", "s/it]", "%|", "IProgress")
+
+
+@pytest.mark.notebook
+def test_chapter_page_has_no_progress_bars_and_the_run_logs_no_error(tmp_path):
+    """What `make book` shows for a successful chapter: results in the page, no ERROR line in the terminal."""
+    import nbformat
+
+    env = {**os.environ, "MLIP_WORKSPACE": str(tmp_path / "workspace"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlip_core.book", "--profile", "smoke", "--only", CHEAPEST,
+         "--out", str(tmp_path / "executed")],
+        cwd=repo_root(), env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, f"{CHEAPEST} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "ERROR" in line]
+    assert not errors, f"a successful run logged: {errors}"
+    executed = nbformat.read(tmp_path / "executed" / f"{CHEAPEST}.ipynb", as_version=4)
+    outputs = [str(out) for cell in executed.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+    assert outputs, "the chapter printed nothing"
+    bars = [out[:200] for out in outputs if any(mark in out for mark in PROGRESS_BAR_MARKS)]
+    assert not bars, f"progress bars in the executed page: {bars}"
