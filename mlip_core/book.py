@@ -266,7 +266,7 @@ def type_error(notebook: str, key: str, value: Any, parameter: Parameter, origin
 
 # The kernel's environment: results in the pages, not progress bars. tqdm (>= 4.66) reads TQDM_DISABLE
 # as the default of every bar it creates, libraries' included (Hugging Face downloads); a call that passes
-# ``disable=`` itself keeps its own choice (mlip_core.train's bar passes ``disable=not progress``). The
+# ``disable=`` itself keeps its own choice (so mlip_core.train passes it only to switch a bar off). The
 # warning filter drops tqdm.auto's "IProgress not found" (ipywidgets is not installed, nothing is
 # interactive in a rendered page). The runner's own terminal keeps its per-notebook log and timings.
 KERNEL_ENV = {

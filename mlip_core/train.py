@@ -206,7 +206,9 @@ def seeded_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed % (2**32))
-        torch.manual_seed(seed)
+        # The CPU generator only (what fork_rng saved): torch.manual_seed also queues seeds for every
+        # accelerator backend, with a stack trace each, a millisecond per item.
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
@@ -492,6 +494,8 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.best_value: float | None = None
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # Frozen pretrained weights never change: fingerprinted once, left out of every checkpoint.
+        self._omitted_fingerprint = _fingerprint(self.module, _reconstructible(self.module))
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main, tc.tensorboard)
         self.resumed_from: Path | None = None
         self.last_checkpoint: Path | None = None
@@ -502,9 +506,10 @@ class Trainer:
         """Everything needed to continue exactly: see :mod:`mlip_core.checkpoint`."""
         from mlip_core.config import config_to_dict
 
+        model_state, omitted = model_checkpoint_state(self.module, self._omitted_fingerprint)
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "model": self.module.state_dict(),
+            "model": model_state, "omitted": omitted,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -517,7 +522,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (RNG last, so nothing after it perturbs the generators)."""
-        self.module.load_state_dict(state["model"])
+        load_model_checkpoint_state(self.module, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -620,8 +625,10 @@ class Trainer:
 
         tc = self.tc
         stop_at = min(self.total_steps, tc.stop_at_step) if tc.stop_at_step > 0 else self.total_steps
-        bar = tqdm(total=stop_at, initial=self.step, desc="pretrain", disable=not (self.dist.is_main and tc.progress),
-                   dynamic_ncols=True)
+        # No disable=False when a bar is asked for: an explicit value would override TQDM_DISABLE (the book runner
+        # sets it so that executed pages keep results, not bars).
+        off = {} if (self.dist.is_main and tc.progress) else {"disable": True}
+        bar = tqdm(total=stop_at, initial=self.step, desc="pretrain", dynamic_ncols=True, **off)
         sampler = ResumableSampler(len(self.train_set), self.dist.world_size, self.dist.rank, seed=tc.seed)  # type: ignore
         did_val_at: int | None = None
         start_step = self.step
@@ -829,6 +836,58 @@ class Trainer:
         state = {k: v.detach().cpu().clone() for k, v in self.module.image_tower.state_dict().items()}
         return write_image_tower_export(state, config_to_dict(self.config), self.step,
                                         Path(out) if out is not None else self.run_dir / "export")
+
+
+def _reconstructible(model: nn.Module) -> tuple[str, ...]:
+    fn = getattr(model, "reconstructible_prefixes", None)
+    return tuple(fn()) if callable(fn) else ()
+
+
+def _fingerprint(model: nn.Module, prefixes: tuple[str, ...]) -> str:
+    """sha1 of the names, shapes and bytes of the state-dict entries under ``prefixes`` ("" when none)."""
+    import hashlib
+
+    if not prefixes:
+        return ""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        if k.startswith(prefixes):
+            h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_checkpoint_state(model: nn.Module, fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                         dict[str, Any]]:
+    """The model's state dict without what its config rebuilds exactly (``model.reconstructible_prefixes()``,
+    e.g. a frozen MiniLM), and the record ``{"prefixes", "fingerprint"}`` that :func:`load_model_checkpoint_state`
+    checks so that a checkpoint never meets other frozen weights than the ones it was trained with."""
+    prefixes = _reconstructible(model)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)} if prefixes \
+        else model.state_dict()
+    fp = fingerprint if fingerprint is not None else _fingerprint(model, prefixes)
+    return state, {"prefixes": list(prefixes), "fingerprint": fp}
+
+
+def load_model_checkpoint_state(model: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Load ``checkpoint["model"]`` into ``model`` (built from the run's config, pretrained weights included).
+
+    Entries the checkpoint left out (``checkpoint["omitted"]``) keep the model's own weights after their
+    fingerprint is checked; everything else loads strictly. Checkpoints without ``omitted`` hold every entry."""
+    omitted = checkpoint.get("omitted") or {"prefixes": [], "fingerprint": ""}
+    prefixes = tuple(omitted.get("prefixes", []))
+    if not prefixes:
+        model.load_state_dict(checkpoint["model"])
+        return
+    if _fingerprint(model, prefixes) != omitted.get("fingerprint"):
+        raise ckpt_lib.CheckpointError(
+            f"the checkpoint leaves out {', '.join(prefixes)} (frozen pretrained weights the config rebuilds), but "
+            "the weights this model loaded differ from the ones it was trained with (another text-tower package "
+            "or version?): install the version the run used, or start a new run")
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    missing = [k for k in missing if not k.startswith(prefixes)]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def write_image_tower_export(state: dict[str, torch.Tensor], config: dict[str, Any], step: int, out: Path) -> Path:

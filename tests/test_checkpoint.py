@@ -13,6 +13,7 @@ import torch
 from mlip_core import checkpoint as ck
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_clip import ToyCLIP  # noqa: E402
 from toy_train_run import run  # noqa: E402
 
 
@@ -145,3 +146,50 @@ def test_resuming_a_checkpoint_of_another_architecture_names_the_file(tmp_path):
     run(str(tmp_path), max_steps=2, epochs=1)
     with pytest.raises(ck.CheckpointError, match=r"step_00000002.pt does not fit this model"):
         run(str(tmp_path), resume="auto", max_steps=4, epochs=1, norm="group")  # GroupNorm: other state keys
+
+
+class _FrozenTextToy(ToyCLIP):
+    """The toy with a frozen, "pretrained" text embedding the config would rebuild (as a frozen MiniLM)."""
+
+    def __init__(self, text_seed: int = 5, **kw) -> None:
+        super().__init__(**kw)
+        with torch.no_grad():
+            self.text_embed.weight.copy_(torch.randn(self.text_embed.weight.shape,
+                                                     generator=torch.Generator().manual_seed(text_seed)))
+        self.text_embed.requires_grad_(False)
+
+    def reconstructible_prefixes(self) -> tuple[str, ...]:
+        return ("text_embed.",)
+
+
+def _frozen_text_run(out, text_seed: int = 5, **overrides):
+    import functools
+
+    from mlip_core.repro import seed_everything
+    from mlip_core.train import train
+    from toy_clip import ToyPairs, toy_collate
+    from toy_train_run import toy_config
+
+    cfg = toy_config(**overrides)
+    seed_everything(cfg.train.seed)
+    return train(cfg, run_dir=out, resume="auto", model=_FrozenTextToy(text_seed=text_seed),
+                 train_set=ToyPairs(48, seed=0), val_set=ToyPairs(16, seed=1),
+                 collate_fn=functools.partial(toy_collate, swap_prob=0.3))
+
+
+def test_frozen_pretrained_weights_are_left_out_of_checkpoints_and_resume_stays_exact(tmp_path):
+    full = _frozen_text_run(tmp_path / "full")
+    ckpt = torch.load(full.checkpoint_path, weights_only=True)
+    assert not [k for k in ckpt["model"] if k.startswith("text_embed.")]
+    assert ckpt["omitted"]["prefixes"] == ["text_embed."] and len(ckpt["omitted"]["fingerprint"]) == 40
+    _frozen_text_run(tmp_path / "cut", stop_at_step=5)
+    cut = _frozen_text_run(tmp_path / "cut")
+    a = torch.load(full.checkpoint_path, weights_only=True)["model"]
+    b = torch.load(cut.checkpoint_path, weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_refuses_other_frozen_weights_than_it_was_trained_with(tmp_path):
+    _frozen_text_run(tmp_path / "run", stop_at_step=3)
+    with pytest.raises(ck.CheckpointError, match="text_embed"):
+        _frozen_text_run(tmp_path / "run", text_seed=6)

@@ -149,6 +149,9 @@ def trie_regex(terms: Iterable[str]) -> str:
     return build(trie)[0]
 
 
+_MENTION_CACHE_SIZE = 200_000  # texts; a MIMIC-size report set's sentences fit
+
+
 @dataclass(frozen=True)
 class Mention:
     """One entity mention: character span [start, end) of the input text, assertion status, side and location."""
@@ -226,10 +229,16 @@ class KnowledgeExtractor:
         """All entity mentions in ``text`` (character spans into ``text``), in order of appearance."""
         if not isinstance(text, str):
             raise TypeError(f"mentions expects a report string, got {type(text).__name__}")
-        out: list[Mention] = []
-        for s0, s1 in self.sentence_spans(text):
-            out.extend(self._sentence_mentions(text, s0, s1))
-        return out
+        # Pretraining asks again for the same reports every epoch and every run of a grid: the mentions of a
+        # text never change (Mention is frozen), so they are looked up, not re-extracted.
+        cache = self.__dict__.setdefault("_mention_cache", {})
+        found = cache.get(text)
+        if found is None:
+            found = tuple(m for s0, s1 in self.sentence_spans(text) for m in self._sentence_mentions(text, s0, s1))
+            if len(cache) >= _MENTION_CACHE_SIZE:
+                cache.clear()
+            cache[text] = found
+        return list(found)
 
     @staticmethod
     def sentence_spans(text: str) -> list[tuple[int, int]]:
