@@ -106,6 +106,59 @@ def probe_rows(runs: pd.DataFrame, task: Any, masks: dict[tuple[float, int], np.
     return rows, pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
+def ceiling_rows(world_dir: str | os.PathLike, task: Any, params: dict[str, Any], encoders: Sequence[Any],
+                 cache_root: str | os.PathLike, feature_dir: str | os.PathLike, C: float = 0.01,
+                 batch_size: int = 64, device: str = "cpu") -> list[dict[str, Any]]:
+    """What the offline worlds let each side learn, to read the grid's differences against (task
+    ``label_ceiling``, fraction 1.0, seed 0, metric ``macro_AUROC``):
+
+    - ``report text``: a logistic regression on the frozen text tower's report vectors (the very features every
+      run trains on, from the text-feature cache), fitted on the pretraining world's training split and scored on
+      its validation split against the *drawn* findings (``synth/labels.csv``; evaluation-side only). Near 1:
+      the reports name the findings and the frozen tower keeps them apart.
+    - each of ``encoders`` (e.g. random and ImageNet init): a linear probe with *all* of the transfer world's
+      training labels. With every label the probe is bounded by what the frozen features see in the image.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from mlip_core.data.mimic import load_mimic_pairs
+    from mlip_core.model.encoders import TextTower, build_tokenizer
+    from mlip_core.train import frozen_text_features
+    from mlip_core.transfer.classify import encoder_features, probe_sweep
+
+    world_dir = Path(world_dir)
+    cfg = pretrain_config("convirt", **{k: v for k, v in params.items() if k in
+                                        ("text_tower", "text_allow_download", "max_length", "freeze_text_layers")})
+    tower, tokenizer = TextTower(cfg.model.text), build_tokenizer(cfg.model.text)
+    truth = pd.read_csv(world_dir / "synth" / "labels.csv")
+    labels = [c for c in truth.columns if c not in ("subject_id", "study_id")]
+    xy = {}
+    for split in ("train", "validate"):
+        pairs, _ = load_mimic_pairs(world_dir, split=split, views=tuple(cfg.train.views.split(",")))
+        feats = frozen_text_features(tower, tokenizer, pairs["text"].tolist(), cfg.model.text.max_length)
+        y = pairs[["study_id"]].merge(truth, on="study_id", how="left")[labels].fillna(0).to_numpy() > 0
+        xy[split] = (feats["text_sentence"].numpy(), y)
+    (x_tr, y_tr), (x_va, y_va) = xy["train"], xy["validate"]
+    aucs = []
+    for j in range(len(labels)):
+        if 0 < y_tr[:, j].sum() < len(y_tr) and 0 < y_va[:, j].sum() < len(y_va):
+            clf = LogisticRegression(C=1.0, max_iter=2000).fit(x_tr, y_tr[:, j])
+            aucs.append(roc_auc_score(y_va[:, j], clf.decision_function(x_va)))
+    rows = [{"method": f"report text ({cfg.model.text.name}, frozen)", "task": "label_ceiling", "fraction": 1.0,
+             "seed": 0, "metric": "macro_AUROC", "value": float(np.mean(aucs)) if aucs else float("nan")}]
+    paths = task.df["image_path"].tolist()
+    everything = {(1.0, 0): np.ones(int((task.df["split"] == "train").sum()), dtype=bool)}
+    for enc in encoders:
+        feats, valid, _ = encoder_features(enc, paths, cache_root, feature_dir, batch_size=batch_size, device=device)
+        if not valid.all():
+            raise RuntimeError(f"{(~valid).sum()} transfer images could not be decoded; see the image cache skips")
+        scored = probe_sweep(feats, task, everything, Cs=(C,), encoder=enc.name).dropna(subset=["auroc"])
+        rows.append({"method": enc.name, "task": "label_ceiling", "fraction": 1.0, "seed": 0,
+                     "metric": "macro_AUROC", "value": float(scored["auroc"].mean())})
+    return rows
+
+
 def differences_vs(summary: pd.DataFrame, reference: str, task: str, metric: str,
                    fraction: float | None = None) -> pd.DataFrame:
     """Each method's mean minus ``reference``'s on one (task, metric, fraction) of a

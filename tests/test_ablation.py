@@ -3,7 +3,7 @@ world's prior, and the one mapping from flat chapter parameters to the nested co
 
 from __future__ import annotations
 
-
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -51,3 +51,31 @@ def test_pretrain_config_maps_every_flat_parameter_and_rejects_unknown_ones():
             obj = getattr(obj, part)  # every mapped path exists
     with pytest.raises(ValueError, match="image_sise"):
         pretrain_config("mlip", image_sise=64)
+
+
+def test_ceiling_rows_score_report_text_against_the_drawn_findings_and_each_encoder_with_all_labels(tmp_path,
+                                                                                                   monkeypatch):
+    import pandas as pd
+
+    from mlip_core.ablation import ceiling_rows
+    from mlip_core.data.synth import write_world
+    from mlip_core.transfer.classify import Encoder, offline_world_task
+
+    monkeypatch.setenv("MLIP_WORKSPACE", str(tmp_path / "ws"))
+    write_world(tmp_path / "pre", num_studies=40, seed=0, image_size=32, report_source="template",
+                split_fractions=(0.5, 0.5, 0.0))
+    write_world(tmp_path / "tr", num_studies=30, seed=1, image_size=32, report_source="template",
+                split_fractions=(0.6, 0.0, 0.4))
+    task = offline_world_task(tmp_path / "tr").keep_splits(["train", "test"])
+    params = {"text_tower": "tiny", "max_length": 32, "freeze_text_layers": 2}
+    enc = Encoder("random init", "tower", 32, tower={"name": "resnet18", "pretrained": ""})
+    rows = ceiling_rows(tmp_path / "pre", task, params, [enc], tmp_path / "cache", tmp_path / "feats")
+    assert [r["method"] for r in rows] == ["report text (tiny, frozen)", "random init"]
+    assert all(r["task"] == "label_ceiling" and r["fraction"] == 1.0 and 0.0 <= r["value"] <= 1.0 for r in rows)
+    # The text ceiling is scored on what was drawn (synth/labels.csv), not on the labeler's CSV: with no
+    # finding drawn there is nothing to score.
+    labels = pd.read_csv(tmp_path / "pre" / "synth" / "labels.csv")
+    labels.iloc[:, 2:] = 0
+    labels.to_csv(tmp_path / "pre" / "synth" / "labels.csv", index=False)
+    rows = ceiling_rows(tmp_path / "pre", task, params, [], tmp_path / "cache", tmp_path / "feats")
+    assert len(rows) == 1 and np.isnan(rows[0]["value"])
