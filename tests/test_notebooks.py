@@ -24,7 +24,7 @@ def book_workspace(tmp_path_factory):
 
 
 def test_every_notebook_has_a_block_in_every_profile():
-    for profile in ("smoke", "ci", "full"):
+    for profile in ("smoke", "ci", "gpu", "full"):
         params = load_profile(book_dir(), profile)
         missing = [name for name in NOTEBOOKS if name not in params]
         assert not missing, f"book/profiles/{profile}.yaml has no block for {missing}"
@@ -66,3 +66,19 @@ def test_chapter_page_has_no_progress_bars_and_the_run_logs_no_error(tmp_path):
     assert outputs, "the chapter printed nothing"
     bars = [out[:200] for out in outputs if any(mark in out for mark in PROGRESS_BAR_MARKS)]
     assert not bars, f"progress bars in the executed page: {bars}"
+
+
+@pytest.mark.parametrize("profile", ["smoke", "ci", "gpu", "full"])
+def test_every_profile_value_is_declared_by_its_notebook_and_has_its_type(profile, tmp_path):
+    from mlip_core.book import check_parameters, declared_parameters, type_error, to_ipynb
+
+    params = load_profile(book_dir(), profile)
+    problems = []
+    for name in NOTEBOOKS:
+        nb = tmp_path / f"{name}.ipynb"
+        to_ipynb(repo_root() / "notebooks" / f"{name}.py", nb)
+        declared = declared_parameters(nb)
+        check_parameters(name, params.get(name, {}), declared)
+        problems += [p for k, v in params.get(name, {}).items()
+                     if (p := type_error(name, k, v, declared[k], f"profile {profile}"))]
+    assert not problems, problems
