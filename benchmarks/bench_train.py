@@ -1,13 +1,18 @@
 """Training throughput (image-report pairs per second) and peak memory of the pretraining engine.
 
-    python benchmarks/bench_train.py                 # CPU: the `ci` model sizes, ConVIRT and full MLIP
+    python benchmarks/bench_train.py                 # CPU: the real ci training step of chapter 05, ConVIRT vs MLIP
     python benchmarks/bench_train.py --gpu           # CUDA: ResNet-50 + BERT-base (random init), batch 128, bf16
-    python benchmarks/bench_train.py --steps 6 --configs mlip --sizes ci
+    python benchmarks/bench_train.py --synthetic --steps 6 --configs mlip --sizes ci
 
-Batches are synthetic tensors already in the collator's output format (image, token ids, entity tags, labels,
-swapped reports), so the numbers are the engine's (forward, backward, AdamW, momentum update, logging) and not
-the JPEG decoder's. Each row runs ``Trainer.fit`` for ``--steps`` optimizer steps and reports the median
-pairs/s of the steps after the first two (warm-up), read from the run's metrics.jsonl.
+Default (CPU): the real thing. A small offline world is written in a temporary folder and each config trains on
+it through ``mlip_core.train.train`` with chapter 05's ``ci`` parameters (``book/profiles/ci.yaml``): the image
+cache, the frozen text features computed once, the collator, augmentation, forward, backward, AdamW and the
+momentum update. Configs alternate over ``--rounds`` rounds; a step's time is read from the run's metrics (it
+includes fetching the batch) and the steps after the first two are kept. The last line is
+``train_time_ratio_mlip_vs_convirt=`` (time per pair, median of the rounds' ratios).
+
+``--synthetic`` / ``--gpu``: batches are synthetic tensors already in the collator's output format, so the numbers
+are the engine's (forward, backward, AdamW, momentum update, logging) and not the data pipeline's.
 """
 
 from __future__ import annotations
@@ -97,6 +102,41 @@ def bench(config: str, size: str, batch: int, steps: int, precision: str, device
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def bench_real(configs: list[str], steps: int, rounds: int, studies: int) -> list[dict]:
+    """Rows of (config, round, seconds per pair, pairs/s) for the real ci training step (see the docstring)."""
+    import os
+
+    import yaml
+
+    from mlip_core.config import PRETRAIN_PARAMETERS, pretrain_config
+    from mlip_core.data.synth import write_world
+    from mlip_core.paths import book_dir
+    from mlip_core.train import train
+
+    block = yaml.safe_load((book_dir() / "profiles" / "ci.yaml").read_text())["05_pretraining"]
+    params = {k: v for k, v in block.items() if k in PRETRAIN_PARAMETERS}
+    params.update(max_steps=steps, checkpoint_every=0, progress=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MLIP_WORKSPACE"] = str(Path(tmp) / "workspace")
+        world = Path(tmp) / "world"
+        write_world(world, num_studies=studies, seed=0, image_size=int(params["image_size"]), report_source="template",
+                    workers=2)
+        for r in range(rounds):
+            for name in configs:
+                cfg = pretrain_config(name, **params)
+                cfg.train.val_every = 0
+                res = train(cfg, data_dir=world, run_dir=Path(tmp) / f"{name}_{r}")
+                recs = res.history[2:] or res.history
+                seconds = sum(x["time_s"] for x in recs)
+                pairs = sum(x["images_per_s"] * x["time_s"] for x in recs)
+                rows.append({"config": name, "round": r, "s_per_pair": seconds / pairs, "pairs_s": pairs / seconds,
+                             "image": f"{params['image_tower']}@{params['image_size']}, {params['frozen_stages']} "
+                                      f"stages frozen", "text": f"{params['text_tower']} (frozen, cached)",
+                             "batch": int(params["batch_size"])})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="ResNet-50 + BERT-base at batch 128 in bf16 on CUDA")
@@ -107,7 +147,24 @@ def main() -> None:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--synthetic", action="store_true", help="synthetic batches on CPU (the engine alone)")
+    p.add_argument("--rounds", type=int, default=2, help="real path: alternating rounds of the configs")
+    p.add_argument("--studies", type=int, default=240, help="real path: studies in the temporary world")
     args = p.parse_args()
+    if not (args.gpu or args.synthetic):
+        configs = args.configs.split(",")
+        rows = bench_real(configs, args.steps or 12, args.rounds, args.studies)
+        print(f"\nreal ci training step on CPU, {torch.get_num_threads()} threads (torch {torch.__version__}); "
+              f"steps 3..{args.steps or 12} of each run\n")
+        print(f"{'config':<9} {'round':>5} {'image tower':<40} {'batch':>5} {'pairs/s':>8} {'ms/pair':>8}")
+        for r in rows:
+            print(f"{r['config']:<9} {r['round']:>5} {r['image']:<40} {r['batch']:>5} {r['pairs_s']:>8.1f} "
+                  f"{r['s_per_pair'] * 1000:>8.2f}")
+        if {"convirt", "mlip"} <= set(configs):
+            per = {(r["config"], r["round"]): r["s_per_pair"] for r in rows}
+            ratios = [per[("mlip", k)] / per[("convirt", k)] for k in range(args.rounds)]
+            print(f"train_time_ratio_mlip_vs_convirt={statistics.median(ratios):.3f}")
+        return
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu asked but torch.cuda.is_available() is False")
     device = "cuda" if args.gpu else "cpu"

@@ -255,6 +255,36 @@ def test_frozen_image_stages_get_no_gradient_and_keep_batchnorm_statistics():
         ImageTower(ImageTowerConfig(name="resnet18", image_size=32, frozen_stages=9))
 
 
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
+def test_staged_forward_of_a_partly_frozen_cnn_equals_timms_forward_intermediates(name):
+    for frozen, level in [(1, -1), (2, -2), (3, 0), (3, 1)]:
+        torch.manual_seed(0)
+        tower = ImageTower(ImageTowerConfig(name=name, image_size=64, frozen_stages=frozen, patch_level=level)).train()
+        x = torch.randn(3, 1, 64, 64)
+        out = tower(x)  # stem and frozen stages, then the rest (what MLIP shares with its momentum copy)
+        final, inter = tower.backbone.forward_intermediates(x, indices=[tower._level])
+        assert torch.equal(out.global_, tower.backbone.forward_head(final, pre_logits=True)), (frozen, level)
+        assert torch.equal(out.patches, inter[0].flatten(2).transpose(1, 2)), (frozen, level)
+
+
+def test_momentum_tower_shares_the_frozen_trunk_and_still_computes_its_own_forward(batch):
+    torch.manual_seed(0)
+    cfg = small("mlip")
+    cfg.model.image = ImageTowerConfig(name="resnet18", image_size=32, frozen_stages=2)
+    model = MLIP(cfg, entity_embeddings(), prototype_entities=[0, 1]).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):  # the momentum copy's trainable stages now differ from the online tower's
+        opt.zero_grad()
+        model(batch)["loss"].backward()
+        opt.step()
+        model.momentum_update(0.5)
+    f = model.features(batch)
+    with torch.no_grad():
+        own = F.normalize(model.image_proj_m(model.image_tower_m(batch["image"]).global_), dim=-1)
+    assert torch.allclose(f["image_global_m"], own, atol=1e-6, rtol=0)
+    assert not torch.allclose(f["image_global_m"], f["image_global"].detach(), atol=1e-3)
+
+
 def test_model_loss_is_invariant_to_batch_permutation(batch):
     torch.manual_seed(0)
     model = MLIP(small("mlip_no_itm"), entity_embeddings(), prototype_entities=[0, 1, 2]).eval()

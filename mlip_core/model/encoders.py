@@ -147,6 +147,7 @@ class ImageTower(nn.Module):
             self._level = cfg.patch_level % levels
             self.patch_dim = self.backbone.feature_info[self._level]["num_chs"]
         self._frozen: list[nn.Module] = []
+        self._num_frozen_stages = 0
         if cfg.frozen_stages:
             self.freeze_stages(cfg.frozen_stages)
 
@@ -163,6 +164,7 @@ class ImageTower(nn.Module):
         if num_stages > len(stages):
             raise ValueError(f"frozen_stages={num_stages} but {self.cfg.name} has {len(stages)} stages")
         self._frozen = [*stem, *stages[:num_stages]]
+        self._num_frozen_stages = num_stages
         for module in self._frozen:
             module.requires_grad_(False)
             module.eval()
@@ -174,6 +176,53 @@ class ImageTower(nn.Module):
             module.eval()
         return self
 
+    @property
+    def frozen_trunk_stages(self) -> int:
+        """Stages (after the stem) frozen by :meth:`freeze_stages`; 0 when nothing is frozen."""
+        return self._num_frozen_stages
+
+    def _staged(self) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module], list[int]]:
+        """The CNN as (stem, stages, tail, feature-level -> stage index): the order of timm's
+        ``forward_intermediates`` for EfficientNets and ResNets, so a forward can stop after the frozen stages."""
+        b = self.backbone
+        if hasattr(b, "conv_stem") and hasattr(b, "blocks"):
+            return [b.conv_stem, b.bn1], list(b.blocks), [b.conv_head, b.bn2], list(b.stage_ends)
+        if hasattr(b, "layer1"):
+            stages = [getattr(b, f"layer{i}") for i in range(1, 5) if hasattr(b, f"layer{i}")]
+            return [b.conv1, b.bn1, b.act1], stages, [], list(range(len(stages) + 1))
+        raise ValueError(f"a staged forward is implemented for timm ResNets and EfficientNets, not {self.cfg.name}")
+
+    def frozen_trunk(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The stem and the frozen stages: (activation, patch map if the patch level lies among them, else None).
+        Their weights never change, so a momentum copy of this tower may share this output (see MLIP.features)."""
+        stem, stages, _, level_stage = self._staged()
+        target = level_stage[self._level]
+        for m in stem:
+            x = m(x)
+        fmap = x if target == 0 else None
+        if hasattr(self.backbone, "maxpool"):
+            x = self.backbone.maxpool(x)
+        for i, stage in enumerate(stages[: self.frozen_trunk_stages], start=1):
+            x = stage(x)
+            if i == target:
+                fmap = x
+        return x, fmap
+
+    def forward_from_trunk(self, x: Tensor, fmap: Tensor | None = None) -> ImageFeatures:
+        """The remaining stages and the head on :meth:`frozen_trunk`'s output."""
+        _, stages, tail, level_stage = self._staged()
+        target = level_stage[self._level]
+        start = self.frozen_trunk_stages
+        for i, stage in enumerate(stages[start:], start=start + 1):
+            x = stage(x)
+            if i == target:
+                fmap = x
+        for m in tail:
+            x = m(x)
+        global_ = self.backbone.forward_head(x, pre_logits=True)
+        h, w = fmap.shape[-2:]
+        return ImageFeatures(global_, fmap.flatten(2).transpose(1, 2), (int(h), int(w)))
+
     def forward(self, x: Tensor) -> ImageFeatures:
         """(B,1,H,W) -> global (B,Dg), patches (B,h*w,Dp)."""
         if self.is_vit:
@@ -182,6 +231,8 @@ class ImageTower(nn.Module):
             patches = tokens[:, self.backbone.num_prefix_tokens :]
             h, w = self.backbone.patch_embed.grid_size
             return ImageFeatures(global_, patches, (int(h), int(w)))
+        if self._frozen:
+            return self.forward_from_trunk(*self.frozen_trunk(x))
         final, inter = self.backbone.forward_intermediates(x, indices=[self._level])
         fmap = inter[0]  # (B, Dp, h, w)
         global_ = self.backbone.forward_head(final, pre_logits=True)

@@ -230,7 +230,14 @@ class MLIP(nn.Module):
         versions ``*_m`` (or None), ``logit_scale`` (), ``image_patches`` (B,P,Dp), ``patch_grid``,
         ``text_tokens`` (B,L,Dt), ``text_cls_attention`` (B,L) or None, ``attention_mask`` (B,L)."""
         image = batch["image"]
-        img = self.image_tower(image)
+        # The stem and frozen stages of the tower and of its momentum copy hold the same weights (the EMA skips
+        # frozen ones, buffers are copied): compute them once for both (more than half a CNN's forward).
+        share = self.config.loss.divergence and not self.image_tower.is_vit and self.image_tower.frozen_trunk_stages > 0
+        if share:
+            trunk = self.image_tower.frozen_trunk(image)
+            img = self.image_tower.forward_from_trunk(*trunk)
+        else:
+            img = self.image_tower(image)
         sentence, tokens, cls = self._text_features(batch)
         f: dict[str, Any] = {
             "image_global": F.normalize(self.image_proj(img.global_), dim=-1),
@@ -242,7 +249,8 @@ class MLIP(nn.Module):
         }
         if self.config.loss.divergence:
             with torch.no_grad():
-                f["image_global_m"] = F.normalize(self.image_proj_m(self.image_tower_m(image).global_), dim=-1)
+                img_m = self.image_tower_m.forward_from_trunk(*trunk) if share else self.image_tower_m(image)
+                f["image_global_m"] = F.normalize(self.image_proj_m(img_m.global_), dim=-1)
                 # A wholly frozen text tower equals its momentum copy: reuse its output.
                 s_m = sentence if self.text_tower.frozen else \
                     self.text_tower_m(batch["input_ids"], batch["attention_mask"]).sentence
