@@ -14,6 +14,7 @@ does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -150,6 +151,23 @@ class EvalSet:
         return sorted(self.pairs["finding"].unique())
 
 
+@functools.lru_cache(maxsize=2)
+def _world_pairs_cached(world: str, mtime: int) -> pd.DataFrame:
+    from mlip_core.data.mimic import load_mimic_pairs
+
+    return load_mimic_pairs(world, split=None)[0]
+
+
+def world_pairs(world: str | os.PathLike) -> pd.DataFrame:
+    """Every frontal image of a world with its report and split (:func:`load_mimic_pairs`, read once per process:
+    reading thousands of reports takes seconds, and the evaluation set, the UMAP images and the probe all need
+    them)."""
+    world = Path(world).resolve()
+    split_csv = world / "mimic-cxr-2.0.0-split.csv"
+    mtime = split_csv.stat().st_mtime_ns if split_csv.is_file() else 0
+    return _world_pairs_cached(str(world), mtime).copy()
+
+
 def _read_mask(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
@@ -165,13 +183,12 @@ def evaluation_set(world: str | os.PathLike, splits: Sequence[str] = ("validate"
     """The studies of ``splits`` with at least one drawn finding whose mask covers ``min_mask_fraction`` of the
     image (smaller findings, a granuloma of a few pixels, vanish at the towers' input size), at most
     ``max_images`` of them (a seeded draw), with their reports and each finding's mask at ``score_size``."""
-    from mlip_core.data.mimic import load_mimic_pairs
     from mlip_core.knowledge.graph import KnowledgeGraph
 
     world = Path(world)
     graph = graph or KnowledgeGraph.load_default()
     findings = pd.read_csv(world / "synth" / "findings.csv", dtype={"dicom_id": str})
-    pairs_all, _ = load_mimic_pairs(world, split=None)
+    pairs_all = world_pairs(world)
     pairs_all = pairs_all[pairs_all["split"].isin(list(splits))]
     size = _image_side(pairs_all)  # the world's images and masks share one square size
     f = findings[findings["dicom_id"].isin(set(pairs_all["dicom_id"]))].copy()
@@ -218,10 +235,8 @@ def _image_side(pairs: pd.DataFrame) -> int:
 def all_images(world: str | os.PathLike, splits: Sequence[str], max_images: int, seed: int = 0) -> pd.DataFrame:
     """Every frontal image of ``splits`` (normal ones too) with report and primary finding, at most
     ``max_images`` (seeded): what the UMAP panels embed."""
-    from mlip_core.data.mimic import load_mimic_pairs
-
     world = Path(world)
-    pairs, _ = load_mimic_pairs(world, split=None)
+    pairs = world_pairs(world)
     pairs = pairs[pairs["split"].isin(list(splits))].sort_values("dicom_id").reset_index(drop=True)
     if max_images and len(pairs) > max_images:
         pairs = pairs.iloc[np.sort(np.random.default_rng(seed).choice(len(pairs), max_images, replace=False))]
@@ -595,10 +610,8 @@ def neighbour_agreement(x: np.ndarray, labels: Sequence[str], k: int = 10) -> fl
 
 def _probe_data(world: Path, n_images: int, seed: int, findings: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Training-split images (a seeded draw of ``n_images``) and their drawn findings (N, K) 0/1."""
-    from mlip_core.data.mimic import load_mimic_pairs
-
-    pairs, _ = load_mimic_pairs(world, split="train")
-    pairs = pairs.sort_values("dicom_id").reset_index(drop=True)
+    pairs = world_pairs(world)
+    pairs = pairs[pairs["split"] == "train"].sort_values("dicom_id").reset_index(drop=True)
     if n_images and len(pairs) > n_images:
         pairs = pairs.iloc[np.sort(np.random.default_rng(seed).choice(len(pairs), n_images, replace=False))]
     drawn = pd.read_csv(world / "synth" / "findings.csv", dtype={"dicom_id": str})
