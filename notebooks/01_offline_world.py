@@ -114,9 +114,9 @@ pd.DataFrame([{
 # effusion sits at *that* lung's costophrenic angle and a "left upper lobe" opacity in that lung's upper
 # third, whatever the pose.
 #
-# **A measured warning shaped this renderer.** An earlier renderer drew every patient with one anatomy in
-# one pose. A logistic regression on raw 32×32 pixels then reached 0.77 mean AUROC with 10% of the labels —
-# as high as a pretrained encoder — because each finding always landed on the same pixels. Nothing
+# **A warning shaped this renderer.** An earlier renderer drew every patient with one anatomy in one pose. A
+# logistic regression on raw 32×32 pixels then did as well as a pretrained encoder with 10% of the labels,
+# because each finding always landed on the same pixels (the raw-pixel floor below measures this world). Nothing
 # about representation learning could be learned from that world. So this renderer varies, per patient or
 # per image, everything real radiographs vary and none of which is a label:
 #

@@ -287,8 +287,8 @@ if len(mlip_vs_convirt):
 #   the same few hundred updates; terms whose heads start from scratch (fusion, prototypes, local projections)
 #   spend part of the budget learning themselves. Differences that are within the spread here may open up with
 #   longer training — the `gpu` profile runs the same grid at a larger scale.
-# - **Where the offline world differs from MIMIC-CXR.** Two thirds of the studies are normal and their reports
-#   near-identical: exactly the false negatives the divergence encoder and the knowledge guard are meant to
+# - **Where the offline world differs from MIMIC-CXR.** {glue:text}`abl_normal_share` of the studies are
+#   labelled normal (No Finding) and their reports near-identical: exactly the false negatives the divergence encoder and the knowledge guard are meant to
 #   handle, but also a hard ceiling on retrieval (chapter `05_pretraining` computes it). The pretraining labels
 #   that the knowledge guard and SupCon read come from our labeler run on the report text, as MIMIC's CheXpert
 #   labels do — with its errors (chapter `01_offline_world` measures them against what was drawn).
@@ -313,6 +313,8 @@ glue("abl_imagenet_full", f"{imagenet_full:.3f}", display=False)
 glue("abl_random_full", f"{ceiling.get(baselines[0].name, np.nan):.3f}", display=False)
 glue("abl_probe_best", f"{probe_best:.3f}", display=False)
 glue("abl_image_size", image_size, display=False)
+normal_share = pd.read_csv(world / "mimic-cxr-2.0.0-chexpert.csv")["No Finding"].eq(1).mean()
+glue("abl_normal_share", f"{normal_share:.0%}", display=False)
 
 # %% [markdown]
 # The frozen report vectors separate the drawn findings at {glue:text}`abl_text_ceiling` macro AUROC: the

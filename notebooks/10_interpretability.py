@@ -27,7 +27,7 @@
 # `01_offline_world`. Nothing is trained here except one logistic regression per finding (the probe).
 #
 # **How long it takes.** Planned for about two minutes with the `ci` profile on two CPU cores (Grad-CAM on a
-# few hundred (image, finding) pairs per model, and UMAP's one-off compilation of about 15 s); the `smoke`
+# few hundred (image, finding) pairs per model, and UMAP's one-off compilation of its code); the `smoke`
 # profile takes under a minute on the smoke grid. The last cell prints the time it took.
 
 # %% tags=["parameters"]
