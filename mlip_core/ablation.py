@@ -47,6 +47,9 @@ def train_grid(names: Sequence[str], seeds: Iterable[int], params: dict[str, Any
     for name in names:
         for seed in seeds:
             cfg = pretrain_config(name, **{**params, "seed": int(seed)})
+            # A grid run validates once, at its end, and is read through its last checkpoint and export: a
+            # best.pt would be a second copy of the same weights (33 of them in the ci grid).
+            cfg.train.best_metric = ""
             t0 = time.perf_counter()
             res = train(cfg, data_dir=data_dir, run_dir=run_folder(cfg, root), resume="auto")
             val = res.val_history[-1] if res.val_history else {}

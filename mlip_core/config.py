@@ -411,7 +411,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between step checkpoints (0 = each epoch end only)
     keep_last: int = 2  # step checkpoints kept (resume=auto falls back through them)
     val_every: int = 1  # epochs between validations (0 = never)
-    best_metric: str = "recall_mean"  # validation key that selects best.pt
+    best_metric: str = "recall_mean"  # validation key that selects best.pt; "" writes no best.pt
     best_mode: str = "max"  # max | min
     tensorboard: bool = False
     progress: bool = True  # tqdm bar
