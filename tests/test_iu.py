@@ -143,3 +143,21 @@ def test_real_normal_reports_map_to_no_drawn_findings():
     assert all(findings_from_mesh(r.mesh_major, rng) == ([], []) for r in normals)
     cardio = [r for r in load_iu_reports() if any(t.startswith("Cardiomegaly") for t in r.mesh_major)]
     assert all(any(f.name == "cardiomegaly" for f in findings_from_mesh(r.mesh_major, rng)[0]) for r in cardio)
+
+
+def test_check_cli_reads_the_packaged_iu_reports_without_a_root(capsys):
+    from mlip_core.data.check import main
+
+    assert main(["--dataset", "iu"]) == 0
+    out = capsys.readouterr().out
+    assert "images not checked" in out
+    usable = int(out.strip().splitlines()[-1].split()[0].split("=")[1])
+    assert usable > 3000  # the ~3,8xx IU reports with text and images
+
+
+def test_check_cli_still_requires_a_root_for_datasets_that_do_not_ship(capsys):
+    from mlip_core.data.check import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--dataset", "rsna"])
+    assert exc.value.code == 2 and "--root is required for rsna" in capsys.readouterr().err

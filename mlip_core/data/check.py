@@ -84,13 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the check; returns the exit status."""
     ap = argparse.ArgumentParser(prog="python -m mlip_core.data.check", description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", required=True, choices=DATASETS)
-    ap.add_argument("--root", required=True, type=Path, help="the dataset folder (as downloaded)")
+    ap.add_argument("--root", type=Path, default=None,
+                    help="the dataset folder (as downloaded); optional for iu, whose reports ship with torchxrayvision")
     ap.add_argument("--views", default="PA,AP", help="MIMIC views to keep (comma-separated ViewPosition values)")
     ap.add_argument("--all-views", action="store_true", help="MIMIC: keep every view (laterals too)")
     ap.add_argument("--no-verify-images", action="store_true", help="skip decoding every image (faster)")
     ap.add_argument("--progress", action="store_true", help="progress bar while decoding images")
     args = ap.parse_args(argv)
 
+    if args.root is None:
+        if args.dataset != "iu":
+            ap.error(f"--root is required for {args.dataset}: the folder the dataset was downloaded to")
+        return _check_iu_reports()
     print(f"dataset={args.dataset} root={args.root}")
     if not args.root.is_dir():
         print(f"error: {args.root}: no such folder; pass --root the folder the dataset was downloaded to.",
@@ -121,6 +126,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  skipped: {s.reason} | {s.item} | {s.path}")
     print(f"usable={usable} skipped={len(unique)}")
     return 0 if usable else 1
+
+
+def _check_iu_reports() -> int:
+    """``--dataset iu`` without ``--root``: the reports that ship with torchxrayvision (the images do not)."""
+    from . import downstream as D
+    from .iu import iu_archive_path
+
+    try:
+        archive = iu_archive_path()
+        df, report = D.load_iu(archive.parent, archive=archive, check_files=False)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print("usable=0 skipped=0")
+        return 2
+    print(f"dataset=iu reports={archive} (images not checked: pass --root with the NLMCXR PNGs to check them)")
+    print(f"reports {df['uid'].nunique():>7d}  {len(df)} image references, "
+          f"{df.drop_duplicates('uid')['normal'].sum()} reports indexed 'normal' only  ({len(report)} skipped)")
+    unique = list(dict.fromkeys(report.skips))
+    report.skips = unique
+    print(report.summary(max_examples=2))
+    print(f"usable={df['uid'].nunique()} skipped={len(unique)}")
+    return 0 if len(df) else 1
 
 
 if __name__ == "__main__":
