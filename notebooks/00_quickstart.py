@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from myst_nb import glue
 
 import mlip_core
 from mlip_core.notebook import setup
@@ -74,13 +75,18 @@ print(f"{batch}x{batch} similarity matrix (d={dim}): {1e6 * elapsed / repeats:.1
 # Cosine similarities live in $[-1, 1]$, so with $\tau = 1$ even a perfect match gets little of the
 # probability mass; $\tau = 0.07$ (CLIP's initial value, and ours) lets one report stand out.
 #
-# Below, one image is compared with `num_points` reports: its own report has similarity 0.6, the
-# others are drawn around 0.1 with a spread of 0.15, a rough picture of a half-trained model. The
+# Below, one image is compared with `num_points` reports: its own report has similarity
+# {glue:text}`qs_own_similarity`, the others are drawn around {glue:text}`qs_other_mean` with a spread of
+# {glue:text}`qs_other_spread` (values set in the cell below), a rough picture of a half-trained model. The
 # plot shows the probability the softmax gives to each report, sorted, at three temperatures.
 
 # %%
+own_similarity, other_mean, other_spread = 0.6, 0.1, 0.15  # an illustration, not a measurement
+for key, value in (("qs_own_similarity", own_similarity), ("qs_other_mean", other_mean),
+                   ("qs_other_spread", other_spread)):
+    glue(key, value, display=False)
 rng = np.random.default_rng(seed)
-sims = np.concatenate([[0.6], rng.normal(0.1, 0.15, size=num_points - 1).clip(-1, 1)])
+sims = np.concatenate([[own_similarity], rng.normal(other_mean, other_spread, size=num_points - 1).clip(-1, 1)])
 fig, ax = plt.subplots(figsize=(7, 4))
 for tau in (1.0, 0.3, 0.07):
     logits = sims / tau

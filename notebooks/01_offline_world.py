@@ -118,7 +118,8 @@ pd.DataFrame([{
 # logistic regression on raw 32×32 pixels then did as well as a pretrained encoder with 10% of the labels,
 # because each finding always landed on the same pixels (the raw-pixel floor below measures this world). Nothing
 # about representation learning could be learned from that world. So this renderer varies, per patient or
-# per image, everything real radiographs vary and none of which is a label:
+# per image, everything real radiographs vary and none of which is a label (the ranges are the renderer's
+# design constants, drawn in `mlip_core.data.synth_render.sample_patient` and `sample_scene`, not measurements):
 #
 # | varies | how | why it matters |
 # |---|---|---|

@@ -47,6 +47,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 import torch.nn.functional as F
+from myst_nb import glue
 
 from mlip_core.config import ImageTowerConfig, TextTowerConfig, all_config_names, named_config
 from mlip_core.data.collate import PretrainCollator
@@ -221,7 +222,8 @@ landscape.pivot(index="shuffled", columns="term", values="loss").round(3)
 #
 # ## Soft targets and the knowledge guard
 #
-# The divergence encoder gives every image–report pair a second opinion. With $a = 0.4$ the target of
+# The divergence encoder gives every image–report pair a second opinion. With $a$ = {glue:text}`ml_soft_alpha`
+# (the config's `soft_alpha`) the target of
 # row $i$ is $(1-a)\,\mathbb{1}[j=i] + a\,\mathrm{softmax}_j(s^m_{ij}/\tau)$: near-duplicate reports
 # share some of the target mass instead of being pushed away as hard negatives. As an illustration we
 # stand in for a well-trained momentum model with the text tower's own sentence vectors (image = its
@@ -232,10 +234,12 @@ landscape.pivot(index="shuffled", columns="term", values="loss").round(3)
 # %%
 with torch.no_grad():
     z = F.normalize(model.text_tower_m(batch["input_ids"], batch["attention_mask"]).sentence, dim=-1)
-a = cfg.loss.soft_alpha
+a, tau = cfg.loss.soft_alpha, cfg.model.init_temperature
+glue("ml_soft_alpha", a, display=False)
+glue("ml_tau", tau, display=False)
 n = len(reports)
 eye = torch.eye(n, dtype=torch.bool)
-targets = (1 - a) * eye.float() + a * (z @ z.T / 0.07).softmax(1).cpu()
+targets = (1 - a) * eye.float() + a * (z @ z.T / tau).softmax(1).cpu()
 guard = same_finding_set(batch["labels"].cpu()) & ~eye
 short = [f"{i}: {r[:28]}…" if len(r) > 28 else f"{i}: {r}" for i, r in enumerate(reports)]
 fig, axes = plt.subplots(1, 2, figsize=(15, 6))
@@ -253,7 +257,7 @@ print(f"{int(guard.sum())} of {guard.numel() - len(reports)} off-diagonal pairs 
 
 # %% [markdown]
 # Read the left panel with care. Because the stand-in image *is* its report, every row's own report
-# wins by far at $\tau = 0.07$ and the off-diagonal mass is small (with the random `tiny` tower of
+# wins by far at $\tau$ = {glue:text}`ml_tau` and the off-diagonal mass is small (with the random `tiny` tower of
 # the smoke profile it is also spread at random). With the pretrained MiniLM (ci profile) it lands on
 # reports that *read* alike: the two "No acute cardiopulmonary abnormality" reports — but also the
 # cardiomegaly-with-"no pneumothorax" report and the pneumothorax report, which share words while
