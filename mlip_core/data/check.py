@@ -21,6 +21,7 @@ from .images import ImageReadError, read_image
 from .skips import SkipReport
 
 DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "object-cxr", "iu")
+ALIASES = {"object_cxr": "object-cxr"}  # the transfer worlds' task name (mlip_core.data.transfer_worlds)
 
 
 def _verify(df: pd.DataFrame, report: SkipReport, progress: bool) -> pd.DataFrame:
@@ -83,7 +84,7 @@ _DESCRIBE: dict[str, Callable[[pd.DataFrame], str]] = {
 def main(argv: list[str] | None = None) -> int:
     """Run the check; returns the exit status."""
     ap = argparse.ArgumentParser(prog="python -m mlip_core.data.check", description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True, choices=DATASETS)
+    ap.add_argument("--dataset", required=True, choices=DATASETS + tuple(ALIASES))
     ap.add_argument("--root", type=Path, default=None,
                     help="the dataset folder (as downloaded); optional for iu, whose reports ship with torchxrayvision")
     ap.add_argument("--views", default="PA,AP", help="MIMIC views to keep (comma-separated ViewPosition values)")
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-verify-images", action="store_true", help="skip decoding every image (faster)")
     ap.add_argument("--progress", action="store_true", help="progress bar while decoding images")
     args = ap.parse_args(argv)
+    args.dataset = ALIASES.get(args.dataset, args.dataset)
 
     if args.root is None:
         if args.dataset != "iu":
