@@ -412,6 +412,8 @@ class TrainConfig:
     keep_last: int = 2  # step checkpoints kept (resume=auto falls back through them)
     val_every: int = 1  # epochs between validations (0 = never)
     best_metric: str = "recall_mean"  # validation key that selects best.pt; "" writes no best.pt
+    validation_losses: bool = True  # validation also averages every loss term (a full forward of the objective);
+    # False measures retrieval only: one image and one text encoding per study (the ablation grid)
     best_mode: str = "max"  # max | min
     tensorboard: bool = False
     progress: bool = True  # tqdm bar

@@ -782,7 +782,7 @@ class Trainer:
             meta = batch.pop("_meta")
             batch = _to_device(batch, self.device, self.tc.channels_last)
             with self._autocast():
-                out = model(batch)
+                out = model(batch) if self.tc.validation_losses else {}
                 ie = model.encode_image(batch["image"], normalize=True)
                 te = model.encode_batch_text(batch, normalize=True) if hasattr(model, "encode_batch_text") \
                     else model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)

@@ -51,7 +51,8 @@ lr = 0.001
 tower_lr_scale = 1.0
 warmup_ratio = 0.1
 weight_decay = 0.05
-transfer_studies = 1600  # the transfer world, rendered apart from the pretraining world
+transfer_images = 1600  # the CheXpert-layout transfer world, rendered apart from the pretraining world
+transfer_min_test_positives = 50  # its test split (valid.csv) holds this many of each competition finding
 transfer_image_size = 64
 transfer_seed = 1
 label_fractions = "0.01,0.1"
@@ -67,13 +68,14 @@ import pandas as pd
 import seaborn as sns
 from myst_nb import glue
 
-from mlip_core.ablation import (TRANSFER_PRIOR, ceiling_rows, differences_vs, probe_rows, retrieval_rows, train_grid,
+from mlip_core.ablation import (ceiling_rows, differences_vs, probe_rows, retrieval_rows, train_grid,
                                 write_run_table)
-from mlip_core.data.synth import ensure_world
+from mlip_core.data.downstream import CHEXPERT_5
+from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
 from mlip_core.paths import workspace
 from mlip_core.results import mean_std, write_results
-from mlip_core.transfer.classify import Encoder, fraction_masks, offline_world_task
+from mlip_core.transfer.classify import Encoder, chexpert_task, fraction_masks
 
 device = setup(seed)
 names = [n.strip() for n in configs.split(",") if n.strip()]
@@ -132,18 +134,21 @@ print(f"{len(runs)} runs of {int(runs['steps'].iloc[0])} optimizer steps each; "
 # %% [markdown]
 # ## The transfer world
 #
-# Linear probes are scored on a world rendered apart from the pretraining one (another seed, template reports
-# that the probe never reads, findings drawn often enough that the test split holds enough positives of each
-# label to measure), as CheXpert is apart from MIMIC-CXR. Its labels are what the renderer drew
-# (`synth/labels.csv`). The probe trains on 1% and 10% of the training patients, drawn with three seeds that
-# are the same for every encoder.
+# Linear probes are scored on a world rendered apart from the pretraining one, as CheXpert is apart from
+# MIMIC-CXR: another seed, other patients, findings drawn often enough to measure, and written in CheXpert's
+# own layout (`CheXpert-v1.0-small/train.csv`, `valid.csv`), so that the CheXpert reader reads it
+# (`mlip_core.data.transfer_worlds`). Its labels are what the renderer drew; `valid.csv` is the fixed test split
+# and holds at least {glue:text}`abl_min_test_pos` positives of each of CheXpert's five competition findings
+# (atelectasis, cardiomegaly, consolidation, edema, pleural effusion), the labels the papers score. The probe
+# trains on 1% and 10% of the training patients, drawn with three seeds that are the same for every encoder.
+# The transfer chapters (`07_classification` onwards) score the same world and read these runs' towers.
 
 # %%
-transfer_dir = workspace("transfer_world")
-ensure_world(transfer_dir, transfer_studies, transfer_seed, image_size=transfer_image_size,
-             report_source="template", split_fractions=(0.6, 0.0, 0.4), finding_prior=TRANSFER_PRIOR, workers=2)
-task = offline_world_task(transfer_dir).keep_splits(["train", "test"])
-masks = fraction_masks(task.split("train"), workspace("splits", "ablations"), "transfer_world",
+transfer_dir = workspace("transfer_worlds", "chexpert")
+ensure_transfer_world("chexpert", transfer_dir, transfer_images, transfer_seed, image_size=transfer_image_size,
+                      workers=2, min_test_positives=transfer_min_test_positives)
+task = chexpert_task(transfer_dir, labels=CHEXPERT_5, seed=transfer_seed).keep_splits(["train", "test"])
+masks = fraction_masks(task.split("train"), workspace("splits", "ablations"), "chexpert_world",
                        fractions=fractions, seeds=tuple(range(fraction_seeds)))
 positives = task.df.groupby("split")[task.labels].sum().T.astype(int)
 print(f"{task.name}: {(task.df['split'] == 'train').sum()} training and {(task.df['split'] == 'test').sum()} "
