@@ -78,6 +78,26 @@ def retrieval_rows(runs: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)) -> list[d
     return rows
 
 
+def run_encoders(runs: pd.DataFrame) -> list[tuple[str, int, Any]]:
+    """(config, seed, :class:`~mlip_core.transfer.classify.Encoder`) of every run's exported image tower, named
+    ``<config>_seed<seed>`` (the name keys the feature cache, so every chapter that probes them shares it)."""
+    from mlip_core.transfer.classify import encoder_from_export
+
+    return [(r.config, int(r.seed), encoder_from_export(f"{r.config}_seed{r.seed}", r.export))
+            for r in runs.itertuples(index=False)]
+
+
+def init_encoders(runs: pd.DataFrame) -> list[Any]:
+    """The two rows every transfer table reads the pretrained towers against: the runs' architecture at their
+    image size with random weights (seed 0), and with the weights pretraining started from (ImageNet)."""
+    from mlip_core.config import load_config
+    from mlip_core.transfer.classify import Encoder
+
+    image = load_config(Path(runs["run_dir"].iloc[0]) / "config.yaml").model.image
+    return [Encoder(f"random init {image.name}", "tower", image.image_size, tower={"name": image.name, "pretrained": ""}),
+            Encoder("ImageNet init", "tower", image.image_size, tower={"name": image.name, "pretrained": image.pretrained})]
+
+
 def probe_rows(runs: pd.DataFrame, task: Any, masks: dict[tuple[float, int], np.ndarray],
                cache_root: str | os.PathLike, feature_dir: str | os.PathLike, Cs: Sequence[float] = (0.01,),
                batch_size: int = 64, device: str = "cpu", extra_encoders: Sequence[Any] = ()
@@ -89,12 +109,10 @@ def probe_rows(runs: pd.DataFrame, task: Any, masks: dict[tuple[float, int], np.
     over rows of one config is the spread over *pretraining* seeds. ``extra_encoders`` (e.g. random and ImageNet
     init, seed 0) are probed alike. Returns (rows: task ``linear_probe``, metric ``macro_AUROC``; the per-label
     probe table of every encoder)."""
-    from mlip_core.transfer.classify import encoder_features, encoder_from_export, probe_sweep
+    from mlip_core.transfer.classify import encoder_features, probe_sweep
 
     paths = task.df["image_path"].tolist()
-    encoders = [(e.name, 0, e) for e in extra_encoders]
-    encoders += [(r.config, int(r.seed), encoder_from_export(f"{r.config}_seed{r.seed}", r.export))
-                 for r in runs.itertuples(index=False)]
+    encoders = [(e.name, 0, e) for e in extra_encoders] + run_encoders(runs)
     rows, tables = [], []
     for method, seed, enc in encoders:
         feats, valid, _ = encoder_features(enc, paths, cache_root, feature_dir, batch_size=batch_size, device=device)

@@ -94,6 +94,20 @@ def mean_std(df: pd.DataFrame, by: Sequence[str] = ("method", "task", "fraction"
     return out.reset_index()
 
 
+def mean_std_table(summary: pd.DataFrame, order: Sequence[str] | None = None, columns: str = "fraction",
+                   digits: int = 3) -> pd.DataFrame:
+    """A :func:`mean_std` table as text cells "mean ± std" (std "–" for a single seed), one row per method in
+    ``order`` (those present), one column per value of ``columns`` (fractions shown as percentages)."""
+    cell = summary.assign(cell=summary["mean"].map(f"{{:.{digits}f}}".format) + " ± "
+                          + summary["std"].map(lambda v: "–" if pd.isna(v) else f"{v:.{digits}f}"))
+    table = cell.pivot(index="method", columns=columns, values="cell")
+    if order is not None:
+        table = table.loc[[m for m in order if m in table.index]]
+    if columns == "fraction":
+        table = table.rename(columns=lambda f: f"{f:.0%}" if pd.notna(f) else "–")
+    return table
+
+
 def _same(column: pd.Series, value) -> pd.Series:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return column.isna()

@@ -68,14 +68,14 @@ import pandas as pd
 import seaborn as sns
 from myst_nb import glue
 
-from mlip_core.ablation import (ceiling_rows, differences_vs, probe_rows, retrieval_rows, train_grid,
+from mlip_core.ablation import (ceiling_rows, differences_vs, init_encoders, probe_rows, retrieval_rows, train_grid,
                                 write_run_table)
 from mlip_core.data.downstream import CHEXPERT_5
 from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
 from mlip_core.paths import workspace
 from mlip_core.results import mean_std, write_results
-from mlip_core.transfer.classify import Encoder, chexpert_task, fraction_masks
+from mlip_core.transfer.classify import chexpert_task, fraction_masks
 
 device = setup(seed)
 names = [n.strip() for n in configs.split(",") if n.strip()]
@@ -158,12 +158,11 @@ glue("abl_min_test_pos", int(positives["test"].min()), display=False)
 positives.rename(columns=lambda c: f"{c} positives")
 
 # %%
-baselines = [Encoder(f"random init {image_tower}", "tower", image_size, tower={"name": image_tower, "pretrained": ""}),
-             Encoder("ImageNet init", "tower", image_size, tower={"name": image_tower, "pretrained": image_pretrained})]
-probe, per_label = probe_rows(runs, task, masks, workspace("cache", "images"), workspace("features", "ablations"),
+baselines = init_encoders(runs)
+probe, per_label = probe_rows(runs, task, masks, workspace("cache", "images"), workspace("features", "transfer"),
                               Cs=(probe_C,), batch_size=batch_size_features, device=str(device),
                               extra_encoders=baselines)
-ceilings = ceiling_rows(world, task, params, baselines, workspace("cache", "images"), workspace("features", "ablations"),
+ceilings = ceiling_rows(world, task, params, baselines, workspace("cache", "images"), workspace("features", "transfer"),
                         C=probe_C, batch_size=batch_size_features, device=str(device))
 rows = retrieval_rows(runs) + probe + ceilings
 results = pd.DataFrame(rows)

@@ -131,9 +131,9 @@ def test_sweep_has_probe_columns_scores_chance_labels_and_writes_long_results(tm
     long = sweep_results(res, "planted")
     assert list(long.columns) == ["method", "task", "fraction", "seed", "metric", "value"]
     one = long[long["fraction"] == 1.0].set_index("metric")["value"]
-    assert set(one.index) == {"AUROC y", "AUROC rare", "macro AUROC"}
-    assert one["macro AUROC"] == pytest.approx((full.loc["y", "auroc"] + 0.5) / 2)
-    assert one["macro AUROC"] == pytest.approx(summary.set_index("fraction").loc[1.0, "mean AUROC"])
+    assert set(one.index) == {"AUROC y", "AUROC rare", "macro_AUROC"}
+    assert one["macro_AUROC"] == pytest.approx((full.loc["y", "auroc"] + 0.5) / 2)
+    assert one["macro_AUROC"] == pytest.approx(summary.set_index("fraction").loc[1.0, "mean AUROC"])
 
 
 def test_multiclass_metrics_by_hand():
@@ -150,7 +150,7 @@ def test_multiclass_metrics_by_hand():
     # class c: positives 0.6, 0.4 against negatives 0.1, 0.6, 0.1 (a tie counts one half)
     wins = sum((p > n) + 0.5 * (p == n) for p in (0.6, 0.4) for n in (0.1, 0.6, 0.1))
     assert m["AUROC c"] == pytest.approx(wins / 6)
-    assert m["macro AUROC"] == pytest.approx((1 + 1 + wins / 6) / 3)
+    assert m["macro_AUROC"] == pytest.approx((1 + 1 + wins / 6) / 3)
     m2, skipped2 = multiclass_metrics(np.array([0, 2, 2]), probs[:3], ["a", "b", "c"])  # no "b" in the test rows
     assert set(skipped2) == {"b"} and "AUROC b" not in m2 and m2["accuracy"] == 1.0
 
@@ -188,7 +188,7 @@ def test_covidx_is_a_multiclass_task_for_the_probe_and_for_finetuning(tmp_path):
     assert list(tuned["label"]) == task.classes and tuned["accuracy"].between(0, 1).all()
     long = sweep_results(pd.concat([probe, tuned]), task.name)
     assert set(long["method"]) == {"raw", "random resnet18"}
-    assert {"accuracy", "macro AUROC", "AUROC COVID-19"} <= set(long["metric"])
+    assert {"accuracy", "macro_AUROC", "AUROC COVID-19"} <= set(long["metric"])
     cache = image_cache(paths, 32, tmp_path / "cache")  # the sweep's cache, found again
     res = finetune(enc, cache, task, masks[(1.0, 0)], steps=2, batch_size=4, lr=1e-3, eval_split="validate")
     assert res.kind == "multiclass" and res.scores.shape == (len(task.split("validate")), 3)

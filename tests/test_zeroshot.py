@@ -204,8 +204,8 @@ def test_zeroshot_eval_scores_a_saved_run_as_result_rows(tiny_run, tmp_path, gra
     assert set(out["method"]) == {"convirt"} and set(out["task"]) == {"toy"}
     assert set(out["fraction"]) == {0.0} and set(out["seed"]) == {3}
     vals = out.set_index("metric")["value"]
-    assert set(vals.index) == {"AUROC Atelectasis", "AUROC Pleural Effusion", "macro AUROC"}  # no test positive
-    assert vals["macro AUROC"] == pytest.approx((vals["AUROC Atelectasis"] + vals["AUROC Pleural Effusion"]) / 2)
+    assert set(vals.index) == {"AUROC Atelectasis", "AUROC Pleural Effusion", "macro_AUROC"}  # no test positive
+    assert vals["macro_AUROC"] == pytest.approx((vals["AUROC Atelectasis"] + vals["AUROC Pleural Effusion"]) / 2)
 
     model, tok = load_run_model(tiny_run)  # the same numbers by hand
     test = task.split("test")
@@ -219,5 +219,5 @@ def test_zeroshot_eval_scores_a_saved_run_as_result_rows(tiny_run, tmp_path, gra
     make_covidx_tree(tmp_path / "covidx", n_train=3, n_test=6)
     multi = zeroshot_eval(tiny_run, covidx_task(tmp_path / "covidx"), cache_root=tmp_path / "cache")
     mvals = multi.set_index("metric")["value"]
-    assert {"accuracy", "macro AUROC", "AUROC normal", "AUROC pneumonia", "AUROC COVID-19"} == set(mvals.index)
+    assert {"accuracy", "macro_AUROC", "AUROC normal", "AUROC pneumonia", "AUROC COVID-19"} == set(mvals.index)
     assert 0.0 <= mvals["accuracy"] <= 1.0 and set(multi["task"]) == {"COVIDx"}

@@ -167,7 +167,7 @@ def covidx_task(root: Path | str, val_frac: float = 0.1, seed: int = 0, check_fi
 
 def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]
                        ) -> tuple[dict[str, float], dict[str, str]]:
-    """Accuracy (argmax), one-vs-rest AUROC per class ``"AUROC <class>"`` and their mean ``"macro AUROC"`` from
+    """Accuracy (argmax), one-vs-rest AUROC per class ``"AUROC <class>"`` and their mean ``"macro_AUROC"`` from
     integer targets (N,) and class scores (N, K). A class absent from (or alone in) the test rows has no AUROC:
     it is returned in ``skipped`` with the reason (the macro is over the scored classes)."""
     y_true = np.asarray(y_true, dtype=int)
@@ -175,7 +175,7 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[
     out = {"accuracy": float((probs.argmax(1) == y_true).mean()) if len(y_true) else np.nan}
     aurocs, skipped = auroc_per_label(np.eye(len(classes))[y_true], probs, classes)
     out.update({f"AUROC {c}": v for c, v in aurocs.items()})
-    out["macro AUROC"] = float(np.mean(list(aurocs.values()))) if aurocs else np.nan
+    out["macro_AUROC"] = float(np.mean(list(aurocs.values()))) if aurocs else np.nan
     return out, skipped
 
 
@@ -282,7 +282,7 @@ class FinetuneResult:
     model: nn.Module | None = field(default=None, repr=False)
 
     def metrics(self, labels: Sequence[str]) -> dict[str, float]:
-        """``"AUROC <label>"`` per scored label, ``"macro AUROC"`` (chance labels at 0.5, as the probe's
+        """``"AUROC <label>"`` per scored label, ``"macro_AUROC"`` (chance labels at 0.5, as the probe's
         validation mean) and, for multi-class, ``"accuracy"``."""
         if self.kind == "multiclass":
             out, _ = multiclass_metrics(self.targets, self.scores, labels)
@@ -290,11 +290,11 @@ class FinetuneResult:
                 if f"AUROC {name}" in out:
                     out[f"AUROC {name}"] = 0.5
             per = [v for k, v in out.items() if k.startswith("AUROC ")]
-            out["macro AUROC"] = float(np.mean(per)) if per else np.nan
+            out["macro_AUROC"] = float(np.mean(per)) if per else np.nan
             return out
         aurocs, _ = auroc_per_label(self.targets, self.scores, labels)
         out = {f"AUROC {k}": (0.5 if k in self.constant else v) for k, v in aurocs.items()}
-        out["macro AUROC"] = _mean_with_chance(self, self.targets, labels)
+        out["macro_AUROC"] = _mean_with_chance(self, self.targets, labels)
         return out
 
 
@@ -515,14 +515,14 @@ def finetune_sweep(encoders: Sequence[Encoder], task: ClassificationTask | Multi
 def sweep_results(sweep: pd.DataFrame, task: str, method_col: str = "encoder") -> pd.DataFrame:
     """A probe / fine-tune sweep as result rows (``mlip_core.results``): method, task, fraction, seed, metric,
     value. Metrics: ``"AUROC <label>"`` for every label with an AUROC (chance labels at 0.5; skipped labels have
-    no row), ``"macro AUROC"`` (their mean, what :func:`summarise` averages) and ``"accuracy"`` when the sweep
+    no row), ``"macro_AUROC"`` (their mean, what :func:`summarise` averages) and ``"accuracy"`` when the sweep
     has that column (multi-class tasks)."""
     out: list[dict] = []
     for (method, fraction, seed), g in sweep.groupby([method_col, "fraction", "seed"], sort=False):
         base = {"method": method, "task": task, "fraction": float(fraction), "seed": int(seed)}
         scored = g.dropna(subset=["auroc"])
         out += [{**base, "metric": f"AUROC {r.label}", "value": float(r.auroc)} for r in scored.itertuples()]
-        out.append({**base, "metric": "macro AUROC", "value": float(scored["auroc"].mean()) if len(scored) else np.nan})
+        out.append({**base, "metric": "macro_AUROC", "value": float(scored["auroc"].mean()) if len(scored) else np.nan})
         if "accuracy" in g.columns:
             out.append({**base, "metric": "accuracy", "value": float(g["accuracy"].iloc[0])})
     return pd.DataFrame(out, columns=["method", "task", "fraction", "seed", "metric", "value"])

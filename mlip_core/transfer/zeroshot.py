@@ -284,7 +284,7 @@ def zeroshot_eval(run_dir: str | os.PathLike, task: ClassificationTask | Multicl
                   progress: bool = False) -> pd.DataFrame:
     """Zero-shot scores of a pretraining run on ``task``'s ``split`` as result rows: method (the run's config
     name), task (``task.name``), fraction 0, seed (the run's training seed), metric ``"AUROC <label>"`` for each
-    label with both classes in the split, ``"macro AUROC"``, and for a multi-class task ``"accuracy"``.
+    label with both classes in the split, ``"macro_AUROC"``, and for a multi-class task ``"accuracy"``.
 
     ``prompts``: a multi-label task's {label: {"positive", "negative"}} (default :func:`zeroshot_prompts` of the
     default graph) or a multi-class task's {class: [texts]} (default :func:`covidx_class_prompts`, which must
