@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed-from-pyproject
 PROFILE ?= ci
 PYTEST_ARGS ?=
 
-.PHONY: install book test lab clean help
+.PHONY: install book test reliability lab clean help
 
 help:
 	@echo "make book   execute every notebook with the '$(PROFILE)' profile and build book/_build/html"
 	@echo "make test   unit + integration tests and every notebook with the 'smoke' profile"
+	@echo "make reliability  the catalogue of bad input (tests/reliability): one table row per case"
 	@echo "make lab    JupyterLab on notebooks/ (the .py files open as notebooks via Jupytext)"
 	@echo "make clean  remove executed notebooks, the HTML book and caches (keeps .venv and workspace/)"
 
@@ -31,6 +32,9 @@ book: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+reliability: install
+	$(PY) tests/reliability/report.py
 
 lab: install
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

@@ -79,7 +79,8 @@ def load_profile(book: Path, profile: str) -> dict[str, dict[str, Any]]:
     path = book / "profiles" / f"{profile}.yaml"
     if not path.is_file():
         valid = ", ".join(available_profiles(book)) or "(none found)"
-        raise BookError(f"unknown profile {profile!r}: no file {path}. Valid profiles: {valid}")
+        raise BookError(f"unknown profile {profile!r}: no file {path}. Valid profiles: {valid}; "
+                       "use one of them with --profile")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
         raise BookError(f"{path}: expected a mapping 'notebook_name: {{param: value, ...}}' at the top level")
@@ -234,7 +235,8 @@ def check_parameters(name: str, params: dict[str, Any], declared: dict[str, Any]
     if unknown:
         raise BookError(
             f"notebook {name!r} has no parameter(s) {', '.join(unknown)}; "
-            f"its parameters cell declares: {', '.join(sorted(declared)) or '(nothing)'}"
+            f"its parameters cell declares: {', '.join(sorted(declared)) or '(nothing)'}. Use one of those names in "
+            "the profile or -p override, or add the parameter to the notebook's parameters cell"
         )
 
 
@@ -431,7 +433,8 @@ def run_book(
         if unused:
             raise BookError(f"no selected notebook declares parameter(s) {', '.join(unused)}")
         if type_errors:
-            raise BookError("parameter(s) of the wrong type, nothing was run:\n  " + "\n  ".join(type_errors))
+            raise BookError("parameter(s) of the wrong type, nothing was run:\n  " + "\n  ".join(type_errors)
+                           + "\npass values of the declared types (in the profile or with -p KEY=VALUE)")
 
         for name, unexecuted, params in plan:
             log(f"[book] {name}: profile={profile} {params}")

@@ -13,6 +13,7 @@ import importlib.util
 import re
 import tarfile
 import xml.etree.ElementTree as ET
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def parse_iu_xml(data: bytes | str, source: str = "<xml>") -> IUReport:
     try:
         root = ET.fromstring(data)
     except ET.ParseError as exc:
-        raise ValueError(f"{source}: not well-formed OpenI XML ({exc}); the archive may be corrupt.") from exc
+        raise ValueError(f"{source}: not well-formed OpenI XML ({exc}); the archive may be corrupt: "
+                         "re-download it (or reinstall torchxrayvision for its own copy).") from exc
     uid_node = root.find("uId")
     uid = uid_node.get("id", "") if uid_node is not None else ""
     if not uid:
@@ -119,14 +121,18 @@ def _uid_key(uid: str) -> tuple[int, str]:
 @functools.lru_cache(maxsize=4)
 def _load_cached(archive: str, mtime_ns: int) -> tuple[IUReport, ...]:
     reports = []
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            if not (member.isfile() and member.name.endswith(".xml")):
-                continue
-            handle = tar.extractfile(member)
-            if handle is None:
-                continue
-            reports.append(parse_iu_xml(handle.read(), source=f"{archive}:{member.name}"))
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                if not (member.isfile() and member.name.endswith(".xml")):
+                    continue
+                handle = tar.extractfile(member)
+                if handle is None:
+                    continue
+                reports.append(parse_iu_xml(handle.read(), source=f"{archive}:{member.name}"))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise ValueError(f"{archive}: cannot read the report archive ({type(exc).__name__}: {exc}); it is truncated "
+                         "or corrupt: re-download it (or reinstall torchxrayvision for its own copy).") from exc
     if not reports:
         raise ValueError(f"{archive} holds no OpenI .xml reports; is it NLMCXR_reports.tgz?")
     reports.sort(key=lambda r: _uid_key(r.uid))

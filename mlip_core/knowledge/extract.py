@@ -393,6 +393,10 @@ class KnowledgeExtractor:
         is; "No Finding" is 1 when no observation other than Support Devices is positive or uncertain (NaN
         otherwise, and for an empty text every label is NaN).
         """
+        if isinstance(text, bytes):  # non-UTF-8 bytes are decoded with U+FFFD, not a TypeError
+            text = text.decode("utf-8", errors="replace")
+        if not isinstance(text, str):  # a NaN / None report cell is an empty report, not an AttributeError
+            text = ""
         return self.labels_from_mentions(self.mentions(text) if text and text.strip() else None)
 
     def labels_from_mentions(self, mentions: Sequence[Mention] | None) -> dict[str, float]:

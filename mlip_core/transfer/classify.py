@@ -209,7 +209,8 @@ def build_tower(encoder: Encoder) -> ImageTower:
             tower.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise RuntimeError(f"{encoder.state_path}: the weights do not fit a {cfg.name} tower ({exc}); "
-                               "is the .json beside it from the same export?") from exc
+                               "is the .json beside it from the same export? Re-export both from one "
+                               "checkpoint with mlip_core.train.export_from_checkpoint") from exc
     return tower.eval()
 
 
