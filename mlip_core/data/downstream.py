@@ -40,7 +40,9 @@ __all__ = [
     "DetectionDataset",
     "ImageLabelDataset",
     "SegmentationDataset",
+    "TRANSFER_SPLIT_FILE",
     "apply_split_file",
+    "dataset_splits",
     "holdout_split",
     "label_fraction_splits",
     "load_chexpert",
@@ -450,6 +452,29 @@ def holdout_split(df: pd.DataFrame, group_col: str, val_frac: float = 0.15, test
     for rank, gi in enumerate(perm):
         which[groups[gi]] = "test" if rank < n_test else "valid" if rank < n_test + n_val else "train"
     return df[group_col].astype(str).map(which).rename("split")
+
+
+TRANSFER_SPLIT_FILE = "mlip-transfer-split.csv"  # written beside SIIM / RSNA layouts by the offline transfer worlds
+
+
+def dataset_splits(root: Path | str, df: pd.DataFrame, id_col: str, file_id_col: str, val_frac: float = 0.15,
+                   test_frac: float = 0.15, seed: int = 0) -> pd.Series:
+    """train / validate / test per row of a dataset without an official split (SIIM, RSNA).
+
+    The offline transfer worlds write ``root/mlip-transfer-split.csv`` (``file_id_col``, split; drawn by patient);
+    it is used when present. Otherwise the rows are split at random by ``id_col`` (``val_frac`` / ``test_frac``,
+    seeded), as MGCA splits SIIM and RSNA (70 / 15 / 15)."""
+    path = Path(root) / TRANSFER_SPLIT_FILE
+    if path.is_file():
+        table = read_csv_checked(path, [file_id_col, "split"], dtype=str)
+        which = dict(zip(table[file_id_col].str.strip(), table["split"].str.strip()))
+        split = df[id_col].astype(str).map(which)
+        if split.isna().any():
+            raise ValueError(f"{path}: {int(split.isna().sum())} rows of the dataset have no split (e.g. "
+                             f"{df.loc[split.isna(), id_col].iloc[0]!r}); the split file belongs to another world: "
+                             "rewrite the world or delete the split file to draw a random split")
+        return split.rename("split")
+    return holdout_split(df, id_col, val_frac=val_frac, test_frac=test_frac, seed=seed).replace({"valid": "validate"})
 
 
 def label_fraction_splits(

@@ -375,7 +375,8 @@ def train_segmentation(encoder: Encoder, images: np.ndarray, masks: np.ndarray, 
     stored under ``feature_cache_dir`` when given). "finetune": everything trains on the images. Loss
     :func:`mixed_loss`, AdamW; seeded (same seed, same Dice). Returns ``dice`` (mean per test image),
     ``dice_positive`` (mean over test images with foreground; NaN if none), ``loss_curve`` (per step),
-    ``train_images``, ``test_images``, ``step_s`` (seconds per step), ``feature_s`` and ``model`` (the U-Net, eval)."""
+    ``train_images``, ``test_images``, ``step_s`` (seconds per step), ``feature_s``, ``model`` (the U-Net, eval) and
+    ``predictions`` (bool (len(test_idx), S, S), the thresholded masks scored)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     images, masks = np.asarray(images), np.asarray(masks)
@@ -434,7 +435,7 @@ def train_segmentation(encoder: Encoder, images: np.ndarray, masks: np.ndarray, 
     return {"dice": float(per_image.mean()) if len(per_image) else float("nan"),
             "dice_positive": float(per_image[positive].mean()) if positive.any() else float("nan"),
             "loss_curve": curve, "train_images": int(len(train_idx)), "test_images": int(len(test_idx)),
-            "step_s": step_s, "feature_s": feature_s, "mode": mode, "model": unet}
+            "step_s": step_s, "feature_s": feature_s, "mode": mode, "model": unet, "predictions": pred}
 
 
 # ------------------------------------------------------------------------------------------------------------

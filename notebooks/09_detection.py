@@ -1,0 +1,199 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Transfer: detection
+#
+# **What you will learn.** Whether the pretrained towers help a detector *find* findings with few labelled
+# boxes: a RetinaNet with a feature pyramid on each frozen tower learns to box lung opacities (RSNA Pneumonia's
+# task) from 1% and 10% of the training images, scored by mean average precision: at IoU 0.5, and averaged over
+# IoU 0.40–0.75 as MGCA and MLIP report RSNA.
+#
+# **What it needs.** The towers of chapter `06_ablations`. The RSNA-layout world is rendered here (with
+# `rsna_root` set, the real RSNA Pneumonia folder replaces it).
+#
+# **How long it takes.** The runner prints each chapter's time; with the `ci` profile a few minutes on two CPU
+# cores: the backbone is frozen (as in MGCA), its feature maps computed once per tower, and only the pyramid and
+# the heads train.
+
+# %% tags=["parameters"]
+methods = "convirt,gloria,mgca,mlip"  # the grid's configurations compared here
+rsna_images = 600  # the RSNA-layout world (opacity boxes, DICOM images)
+rsna_seed = 4
+rsna_image_size = 64
+label_fractions = "0.01,0.1"  # fractions of the training images
+mode = "frozen"  # frozen: backbone fixed (MGCA); finetune: the backbone trains too
+steps = 60
+batch_size = 16
+lr = 0.0005  # MGCA's
+rsna_root = ""  # folder of the RSNA Pneumonia data (stage_2_train_labels.csv, stage_2_train_images/); empty: offline
+n_examples = 4  # test images in the figure of predicted boxes
+seed = 0
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.patches import Rectangle
+from myst_nb import glue
+
+from mlip_core.ablation import differences_vs, init_encoders, run_encoders
+from mlip_core.data.downstream import dataset_splits, load_rsna
+from mlip_core.data.transfer_worlds import ensure_transfer_world
+from mlip_core.notebook import setup
+from mlip_core.paths import workspace
+from mlip_core.results import mean_std, mean_std_table, write_results
+from mlip_core.transfer.detect import detection_data, detection_sweep, train_detection
+
+device = setup(seed)
+method_list = [m.strip() for m in methods.split(",") if m.strip()]
+fractions = [float(f) for f in label_fractions.split(",") if f.strip()]
+print(f"device: {device}; methods {method_list}; label fractions {fractions}; mode {mode}")
+
+# %% [markdown]
+# ## The data
+#
+# The offline world is written in RSNA Pneumonia's layout: `stage_2_train_labels.csv` (one row per box,
+# `Target` 1; one row with an empty box and `Target` 0 for an image without opacity), the detailed class file
+# and one DICOM per patient. Its boxes are the bounding boxes of the drawn opacities, consolidations and
+# pneumonias. RSNA has no official test split; the world writes a patient-level one beside it, and a real RSNA
+# folder is split at random 70 / 15 / 15 as MGCA does.
+
+# %%
+runs_path = workspace("results") / "06_ablations_runs.csv"
+if not runs_path.is_file():
+    raise FileNotFoundError(f"{runs_path} is missing: run the chapter 06_ablations first (it trains the towers)")
+runs = pd.read_csv(runs_path)
+runs = runs[runs["config"].isin(method_list)].reset_index(drop=True)
+pretrained = run_encoders(runs)
+baselines = init_encoders(runs)
+size = pretrained[0][2].image_size
+
+root = rsna_root or workspace("transfer_worlds", "rsna")
+if not rsna_root:
+    ensure_transfer_world("rsna", root, rsna_images, rsna_seed, image_size=rsna_image_size, workers=2)
+df, skips = load_rsna(root)
+df["split"] = dataset_splits(root, df, "patient_id", "patientId", seed=seed).to_numpy()
+data = detection_data(df, size, cache_dir=workspace("cache", "detection"), task="rsna_detection")
+print(skips.summary())
+print(data.skips.summary())
+n_boxes = np.array([len(b) for b in data.boxes])
+data.df.assign(boxes_n=n_boxes).groupby("split").agg(images=("target", "size"), with_opacity=("target", "sum"),
+                                                      boxes=("boxes_n", "sum"))
+
+# %%
+t0 = time.perf_counter()
+splits = data.df["split"].to_numpy()
+name_to_method = {enc.name: (method, s) for method, s, enc in pretrained}
+rows = detection_sweep(baselines + [enc for _, _, enc in pretrained], data, splits, fractions=fractions, seeds=(0,),
+                       mode=mode, steps=steps, batch_size=batch_size, lr=lr, task="rsna_detection",
+                       id_col="patient_id", feature_cache_dir=workspace("features", "detection"),
+                       split_dir=workspace("splits", "detection"), device=device)
+rows["seed"] = [name_to_method.get(m, (m, 0))[1] for m in rows["method"]]
+rows["method"] = [name_to_method.get(m, (m, 0))[0] for m in rows["method"]]
+det_minutes = (time.perf_counter() - t0) / 60
+print(f"{len(rows) // 2} detectors trained ({steps} steps each, {mode} backbone) in {det_minutes:.1f} min; "
+      "training images per fraction: " + ", ".join(f"{f:.0%}: {int(rows[rows['fraction'] == f]['train images'].max())}"
+                                                  for f in fractions))
+order = [e.name for e in baselines] + method_list
+summary = mean_std(rows)
+mean_std_table(summary[summary["metric"] == "mAP@0.4:0.75"], order).join(
+    mean_std_table(summary[summary["metric"] == "mAP@0.5"], order), lsuffix=" mAP@0.4:0.75", rsuffix=" mAP@0.5")
+
+# %% [markdown]
+# Mean ± standard deviation over the three pretraining seeds; the reference rows are one value. Every test
+# image is scored, those without an opacity too (a box there is a false positive).
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 4.2))
+sns.pointplot(data=rows[rows["metric"] == "mAP@0.4:0.75"], x="fraction", y="value", hue="method", hue_order=order,
+              errorbar="sd", dodge=0.4, ax=ax)
+ax.set_xticks(range(len(fractions)), [f"{f:.0%}" for f in fractions])
+ax.set_xlabel("fraction of training images")
+ax.set_ylabel("mAP, IoU 0.40-0.75 (test)")
+ax.set_title("Opacity detection on frozen towers")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# ## Predicted boxes
+#
+# One seed-0 detector per method, trained at the largest fraction, on test images with an opacity: true boxes
+# in green, the three highest-scoring predictions in red (their score beside them).
+
+# %%
+test_pos = np.flatnonzero((splits == "test") & (n_boxes > 0))[:n_examples]
+train_pos = np.flatnonzero(splits == "train")
+show = [e for e in baselines if "ImageNet" in e.name] + [enc for m, s, enc in pretrained if s == pretrained[0][1]]
+fig, axes = plt.subplots(len(test_pos), len(show), figsize=(2.1 * len(show), 2.1 * len(test_pos)), squeeze=False)
+for j, enc in enumerate(show):
+    res = train_detection(enc, data.images, data.boxes, train_pos, test_pos, mode=mode, steps=steps,
+                          batch_size=batch_size, lr=lr, seed=0, device=device,
+                          feature_cache_dir=workspace("features", "detection"))
+    for i, k in enumerate(test_pos):
+        ax = axes[i, j]
+        ax.imshow(data.images[k], cmap="gray")
+        for x0, y0, x1, y1 in data.boxes[k]:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=0.8))
+        pred = res["predictions"][i]
+        for (x0, y0, x1, y1), sc in list(zip(pred["boxes"].tolist(), pred["scores"].tolist()))[:3]:
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red", lw=0.8))
+            ax.text(x0, y0, f"{sc:.2f}", color="red", fontsize=6, va="bottom")
+        ax.set_xticks([]), ax.set_yticks([])
+        if i == 0:
+            ax.set_title(name_to_method.get(enc.name, (enc.name, 0))[0], fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Which differences the seeds can tell apart
+
+# %%
+path = write_results(rows[["method", "task", "fraction", "seed", "metric", "value"]], "09_detection")
+print(f"{len(rows)} rows -> {path}")
+checks = pd.concat([differences_vs(summary[summary["method"].isin(method_list)], "convirt", "rsna_detection", metric,
+                                   f).assign(fraction=f, metric=metric)
+                    for metric in ("mAP@0.5", "mAP@0.4:0.75") for f in fractions], ignore_index=True)
+checks["verdict"] = np.where(checks["exceeds"], np.where(checks["diff"] > 0, "higher", "lower"), "within spread")
+mean_at = summary[summary["metric"] == "mAP@0.4:0.75"].set_index(["method", "fraction"])["mean"]
+best = max(method_list, key=lambda m: mean_at.get((m, fractions[-1]), -1))
+glue("det_best", f"{best} ({mean_at[(best, fractions[-1])]:.3f})", display=False)
+glue("det_imagenet", f"{mean_at[('ImageNet init', fractions[-1])]:.3f}", display=False)
+glue("det_random", f"{mean_at[(baselines[0].name, fractions[-1])]:.3f}", display=False)
+glue("det_n_beyond", int(checks["exceeds"].sum()), display=False)
+glue("det_n_checks", len(checks), display=False)
+checks[["metric", "fraction", "method", "diff", "spread", "verdict"]].round(4)
+
+# %% [markdown]
+# ## Reading the results
+#
+# At the largest fraction the best pretrained tower reaches an mAP (IoU 0.40–0.75) of {glue:text}`det_best`,
+# against {glue:text}`det_imagenet` for ImageNet init and {glue:text}`det_random` for random init;
+# {glue:text}`det_n_beyond` of the {glue:text}`det_n_checks` differences from ConVIRT exceed the spread of the
+# pretraining seeds.
+#
+# - **Few boxes, few steps.** At 1% the detector sees a handful of images; a frozen backbone helps exactly
+#   there, because only the pyramid and heads must be learnt. The absolute mAPs are low at this budget; the
+#   comparison between rows, read against the seeds' spread, is the result.
+# - **Strict IoU thresholds at 64 px.** An opacity box of 15 pixels loses IoU 0.75 by a two-pixel shift; the
+#   mean over 0.40–0.75 rewards coarse localisation more than the upper thresholds do.
+#
+# ## Where the offline world differs from RSNA Pneumonia
+#
+# - **Size and resolution.** RSNA has 26.7k radiographs at 1024 px (MGCA resizes to 224); here hundreds at 64 px.
+# - **Boxes.** Ours are the exact extent of what was drawn; RSNA's were drawn by radiologists, with disagreement.
+# - **Detector.** MGCA uses YOLOv3 on ResNet-50; we use torchvision's RetinaNet with a feature pyramid on the
+#   tower (`mlip_core.transfer.detect` lists every difference, GroupNorm in the heads among them).
