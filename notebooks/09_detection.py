@@ -188,8 +188,8 @@ checks[["metric", "fraction", "method", "diff", "spread", "verdict"]].round(4)
 # - **Few boxes, few steps.** At 1% the detector sees a handful of images; a frozen backbone helps exactly
 #   there, because only the pyramid and heads must be learnt. The absolute mAPs are low at this budget; the
 #   comparison between rows, read against the seeds' spread, is the result.
-# - **Strict IoU thresholds at 64 px.** An opacity box of 15 pixels loses IoU 0.75 by a two-pixel shift; the
-#   mean over 0.40–0.75 rewards coarse localisation more than the upper thresholds do.
+# - **Strict IoU thresholds at 64 px.** A small opacity box loses the top threshold (`0.75`) by a shift of two
+#   pixels; the mean over the thresholds rewards coarse localisation more than the upper ones do.
 #
 # ## Where the offline world differs from RSNA Pneumonia
 #
