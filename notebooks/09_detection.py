@@ -16,8 +16,8 @@
 #
 # **What you will learn.** Whether the pretrained towers help a detector *find* findings with few labelled
 # boxes: a RetinaNet with a feature pyramid on each frozen tower learns to box lung opacities (RSNA Pneumonia's
-# task) from 1% and 10% of the training images, scored by mean average precision: at IoU 0.5, and averaged over
-# IoU 0.40–0.75 as MGCA and MLIP report RSNA.
+# task) from 1% and 10% of the training images, scored by mean average precision at the IoU threshold `0.5` and
+# averaged over the thresholds `0.40:0.05:0.75`, as MGCA and MLIP report RSNA.
 #
 # **What it needs.** The towers of chapter `06_ablations`. The RSNA-layout world is rendered here (with
 # `rsna_root` set, the real RSNA Pneumonia folder replaces it).
@@ -180,7 +180,7 @@ checks[["metric", "fraction", "method", "diff", "spread", "verdict"]].round(4)
 # %% [markdown]
 # ## Reading the results
 #
-# At the largest fraction the best pretrained tower reaches an mAP (IoU 0.40–0.75) of {glue:text}`det_best`,
+# At the largest fraction the best pretrained tower reaches an mAP (IoU `0.40–0.75`) of {glue:text}`det_best`,
 # against {glue:text}`det_imagenet` for ImageNet init and {glue:text}`det_random` for random init;
 # {glue:text}`det_n_beyond` of the {glue:text}`det_n_checks` differences from ConVIRT exceed the spread of the
 # pretraining seeds.
@@ -188,7 +188,7 @@ checks[["metric", "fraction", "method", "diff", "spread", "verdict"]].round(4)
 # - **Few boxes, few steps.** At 1% the detector sees a handful of images; a frozen backbone helps exactly
 #   there, because only the pyramid and heads must be learnt. The absolute mAPs are low at this budget; the
 #   comparison between rows, read against the seeds' spread, is the result.
-# - **Strict IoU thresholds at 64 px.** A small opacity box loses the top threshold (`0.75`) by a shift of two
+# - **Strict thresholds on small images.** A small opacity box loses the top threshold (`0.75`) by a shift of two
 #   pixels; the mean over the thresholds rewards coarse localisation more than the upper ones do.
 #
 # ## Where the offline world differs from RSNA Pneumonia
