@@ -37,7 +37,7 @@ num_studies = 2500  # studies (one report + one frontal image each) to write
 seed = 0
 image_size = 224  # pixels, square
 report_source = "iu"  # "iu" (real IU reports), "template" (generated) or "mixed"
-workers = 1  # processes rendering in parallel; the files are identical for any value
+workers = 2  # processes rendering in parallel; the files are identical for any value
 preview_n = 8  # images in the quick-look grid
 
 # %%

@@ -34,7 +34,7 @@
 # ```
 
 # %% tags=["parameters"]
-num_studies = 24  # studies in the small world this chapter writes
+num_studies = 48  # studies in the small world this chapter writes
 image_size = 128  # cache / training image side
 seed = 0
 check_dataset = ""  # optional real dataset to check: mimic, chexpert, rsna, siim, covidx, object-cxr or iu

@@ -30,11 +30,11 @@
 
 # %% tags=["parameters"]
 image_tower = "resnet18"  # timm name; single-channel input
-image_size = 64
-text_tower = "tiny"  # minilm (MiniLM-L6 shipped offline), tiny (small random BERT) or a Hub name
+image_size = 128
+text_tower = "minilm"  # minilm (MiniLM-L6 shipped offline), tiny (small random BERT) or a Hub name
 allow_download = False  # only the full profile lets a Hub text tower download
 batch_size = 8
-landscape_batch = 32  # samples in the aligned-vs-shuffled sweep
+landscape_batch = 48  # samples in the aligned-vs-shuffled sweep
 landscape_steps = 6  # shuffled fractions between 0 and 1
 seed = 0
 
