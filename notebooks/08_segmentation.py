@@ -57,7 +57,7 @@ from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
 from mlip_core.paths import workspace
 from mlip_core.results import mean_std, mean_std_table, write_results
-from mlip_core.transfer.segment import segmentation_data, segmentation_sweep, train_segmentation
+from mlip_core.transfer.segment import segmentation_data, segmentation_sweep
 
 device = setup(seed)
 method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -109,7 +109,8 @@ name_to_method = {enc.name: (method, s) for method, s, enc in pretrained}
 rows = segmentation_sweep(baselines + [enc for _, _, enc in pretrained], data, splits, fractions=fractions, seeds=(0,),
                           mode=mode, steps=steps, batch_size=batch_size, lr=lr, balance=balance,
                           feature_cache_dir=workspace("features", "segmentation"),
-                          split_dir=workspace("splits", "segmentation"), device=device)
+                          split_dir=workspace("splits", "segmentation"), device=device, keep_predictions=True)
+predictions = rows.attrs["predictions"]
 rows["seed"] = [name_to_method.get(m, (m, 0))[1] for m in rows["method"]]
 rows["method"] = [name_to_method.get(m, (m, 0))[0] for m in rows["method"]]
 test_truth = data.masks[splits == "test"].reshape((splits == "test").sum(), -1).any(1)
@@ -143,24 +144,22 @@ plt.show()
 # %% [markdown]
 # ## Predicted and true masks
 #
-# One seed-0 U-Net per method, trained at the largest fraction, on test images with a pneumothorax: the true
-# outline in green, the prediction in red.
+# The U-Nets of the table at the largest fraction (ImageNet init and each method's first pretraining seed), on
+# test images with a pneumothorax: the true outline in green, the prediction in red.
 
 # %%
-test_pos = np.flatnonzero((splits == "test") & data.masks.reshape(len(data.masks), -1).any(1))[:n_examples]
-train_pos = np.flatnonzero(splits == "train")
+test_all = np.flatnonzero(splits == "test")
+shown = np.flatnonzero(test_truth)[:n_examples]  # positions among the test images
 show = [e for e in baselines if "ImageNet" in e.name] + [enc for m, s, enc in pretrained if s == pretrained[0][1]]
-fig, axes = plt.subplots(len(test_pos), len(show), figsize=(2.1 * len(show), 2.1 * len(test_pos)), squeeze=False)
+fig, axes = plt.subplots(len(shown), len(show), figsize=(2.1 * len(show), 2.1 * len(shown)), squeeze=False)
 for j, enc in enumerate(show):
-    res = train_segmentation(enc, data.images, data.masks, train_pos, test_pos, mode=mode, steps=steps,
-                             batch_size=batch_size, lr=lr, seed=0, device=device,
-                             feature_cache_dir=workspace("features", "segmentation"))
-    for i, k in enumerate(test_pos):
-        ax = axes[i, j]
+    pred = predictions[(enc.name, fractions[-1], 0)]
+    for i, t in enumerate(shown):
+        ax, k = axes[i, j], test_all[t]
         ax.imshow(data.images[k], cmap="gray")
         ax.contour(data.masks[k], levels=[0.5], colors="lime", linewidths=0.8)
-        if res["predictions"][i].any():
-            ax.contour(res["predictions"][i], levels=[0.5], colors="red", linewidths=0.8)
+        if pred[t].any():
+            ax.contour(pred[t], levels=[0.5], colors="red", linewidths=0.8)
         ax.set_xticks([]), ax.set_yticks([])
         if i == 0:
             ax.set_title(name_to_method.get(enc.name, (enc.name, 0))[0], fontsize=8)

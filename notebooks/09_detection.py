@@ -56,7 +56,7 @@ from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
 from mlip_core.paths import workspace
 from mlip_core.results import mean_std, mean_std_table, write_results
-from mlip_core.transfer.detect import detection_data, detection_sweep, train_detection
+from mlip_core.transfer.detect import detection_data, detection_sweep
 
 device = setup(seed)
 method_list = [m.strip() for m in methods.split(",") if m.strip()]
@@ -101,7 +101,8 @@ name_to_method = {enc.name: (method, s) for method, s, enc in pretrained}
 rows = detection_sweep(baselines + [enc for _, _, enc in pretrained], data, splits, fractions=fractions, seeds=(0,),
                        mode=mode, steps=steps, batch_size=batch_size, lr=lr, task="rsna_detection",
                        id_col="patient_id", feature_cache_dir=workspace("features", "detection"),
-                       split_dir=workspace("splits", "detection"), device=device)
+                       split_dir=workspace("splits", "detection"), device=device, keep_predictions=True)
+predictions = rows.attrs["predictions"]
 rows["seed"] = [name_to_method.get(m, (m, 0))[1] for m in rows["method"]]
 rows["method"] = [name_to_method.get(m, (m, 0))[0] for m in rows["method"]]
 det_minutes = (time.perf_counter() - t0) / 60
@@ -110,8 +111,8 @@ print(f"{len(rows) // 2} detectors trained ({steps} steps each, {mode} backbone)
                                                   for f in fractions))
 order = [e.name for e in baselines] + method_list
 summary = mean_std(rows)
-mean_std_table(summary[summary["metric"] == "mAP@0.4:0.75"], order).join(
-    mean_std_table(summary[summary["metric"] == "mAP@0.5"], order), lsuffix=" mAP@0.4:0.75", rsuffix=" mAP@0.5")
+pd.concat({metric: mean_std_table(summary[summary["metric"] == metric], order)
+           for metric in ("mAP@0.4:0.75", "mAP@0.5")}, axis=1)
 
 # %% [markdown]
 # Mean ± standard deviation over the three pretraining seeds; the reference rows are one value. Every test
@@ -131,24 +132,23 @@ plt.show()
 # %% [markdown]
 # ## Predicted boxes
 #
-# One seed-0 detector per method, trained at the largest fraction, on test images with an opacity: true boxes
-# in green, the three highest-scoring predictions in red (their score beside them).
+# The detectors of the table at the largest fraction (ImageNet init and each method's first pretraining seed), on
+# test images with an opacity: true boxes in green, the three highest-scoring predictions in red (their score
+# beside them).
 
 # %%
-test_pos = np.flatnonzero((splits == "test") & (n_boxes > 0))[:n_examples]
-train_pos = np.flatnonzero(splits == "train")
+test_all = np.flatnonzero(splits == "test")
+shown = np.flatnonzero(n_boxes[test_all] > 0)[:n_examples]  # positions among the test images
 show = [e for e in baselines if "ImageNet" in e.name] + [enc for m, s, enc in pretrained if s == pretrained[0][1]]
-fig, axes = plt.subplots(len(test_pos), len(show), figsize=(2.1 * len(show), 2.1 * len(test_pos)), squeeze=False)
+fig, axes = plt.subplots(len(shown), len(show), figsize=(2.1 * len(show), 2.1 * len(shown)), squeeze=False)
 for j, enc in enumerate(show):
-    res = train_detection(enc, data.images, data.boxes, train_pos, test_pos, mode=mode, steps=steps,
-                          batch_size=batch_size, lr=lr, seed=0, device=device,
-                          feature_cache_dir=workspace("features", "detection"))
-    for i, k in enumerate(test_pos):
-        ax = axes[i, j]
+    preds = predictions[(enc.name, fractions[-1], 0)]
+    for i, t in enumerate(shown):
+        ax, k = axes[i, j], test_all[t]
         ax.imshow(data.images[k], cmap="gray")
         for x0, y0, x1, y1 in data.boxes[k]:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=0.8))
-        pred = res["predictions"][i]
+        pred = preds[t]
         for (x0, y0, x1, y1), sc in list(zip(pred["boxes"].tolist(), pred["scores"].tolist()))[:3]:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red", lw=0.8))
             ax.text(x0, y0, f"{sc:.2f}", color="red", fontsize=6, va="bottom")

@@ -384,17 +384,18 @@ def detection_sweep(encoders: Sequence[Encoder], data: DetectionData,
                     steps: int = 200, batch_size: int = 16, lr: float = 5e-4, task: str = "rsna_detection",
                     id_col: str = "image_path", feature_cache_dir: Path | str | None = None,
                     split_dir: Path | str | None = None, device: str | torch.device = "cpu", progress: bool = False,
-                    **train_kwargs) -> pd.DataFrame:
+                    keep_predictions: bool = False, **train_kwargs) -> pd.DataFrame:
     """Train and score every encoder at every (fraction, seed): long rows ``method, task, fraction, seed, metric,
     value`` (metrics "mAP@0.5" and "mAP@0.4:0.75"; ``task`` "rsna_detection" or "object_cxr_detection") plus
     ``mode``, ``train images``, ``steps``, ``step s``.
 
     ``splits``: a split name per row of ``data`` ("train" drawn from, "test" scored) or ``{"train": positions,
-    "test": positions}``. In frozen mode each encoder's backbone features are computed once."""
+    "test": positions}``. ``keep_predictions``: ``.attrs["predictions"]`` of the
+    result maps (method, fraction, seed) to the test predictions, in test order. In frozen mode each encoder's backbone features are computed once."""
     train_idx, test_idx = split_positions(splits, len(data.images))
     ids = data.df[id_col].astype(str).to_numpy()[train_idx] if id_col in data.df else train_idx.astype(str)
     subsets = fraction_subsets(ids, fractions, seeds, split_dir, dataset=task)
-    rows = []
+    rows, predictions = [], {}
     for enc in encoders:
         feats = backbone_features(enc, data.images, feature_cache_dir, device=device, progress=progress) \
             if mode == "frozen" else None
@@ -402,8 +403,13 @@ def detection_sweep(encoders: Sequence[Encoder], data: DetectionData,
             res = train_detection(enc, data.images, data.boxes, train_idx[pos], test_idx, mode=mode, steps=steps,
                                   batch_size=batch_size, lr=lr, seed=seed, device=device, features=feats,
                                   **train_kwargs)
+            if keep_predictions:
+                predictions[(enc.name, fraction, seed)] = res["predictions"]
             for metric in METRICS:
                 rows.append({"method": enc.name, "task": task, "fraction": fraction, "seed": seed, "metric": metric,
                              "value": res[metric], "mode": mode, "train images": res["train_images"],
                              "steps": steps, "step s": round(res["step_s"], 4)})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if keep_predictions:  # {(method, fraction, seed): the test predictions}, for figures without retraining
+        out.attrs["predictions"] = predictions
+    return out

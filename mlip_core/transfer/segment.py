@@ -486,18 +486,19 @@ def segmentation_sweep(encoders: Sequence[Encoder], data: SegmentationData,
                        steps: int = 200, batch_size: int = 8, lr: float = 5e-4, balance: bool = False,
                        feature_cache_dir: Path | str | None = None, split_dir: Path | str | None = None,
                        device: str | torch.device = "cpu", task: str = "siim_segmentation",
-                       id_col: str = "image_id", progress: bool = False, **train_kwargs) -> pd.DataFrame:
+                       id_col: str = "image_id", progress: bool = False, keep_predictions: bool = False, **train_kwargs) -> pd.DataFrame:
     """Train and score every encoder at every (fraction, seed): long rows ``method, task, fraction, seed, metric,
     value`` (metric "dice") plus ``mode``, ``train images``, ``steps``, ``step s``.
 
     ``splits``: a split name per row of ``data`` ("train" rows are drawn from, "test" rows scored, others unused)
-    or ``{"train": positions, "test": positions}``. In frozen mode each encoder's features are computed once."""
+    or ``{"train": positions, "test": positions}``. ``keep_predictions``: ``.attrs["predictions"]`` of the
+    result maps (method, fraction, seed) to the test predictions, in test order. In frozen mode each encoder's features are computed once."""
     train_idx, test_idx = split_positions(splits, len(data.images))
     if balance:
         train_idx = balanced_train(train_idx, data.masks.reshape(len(data.masks), -1).any(1))
     ids = data.df[id_col].astype(str).to_numpy()[train_idx] if id_col in data.df else train_idx.astype(str)
     subsets = fraction_subsets(ids, fractions, seeds, split_dir, dataset=task)
-    rows = []
+    rows, predictions = [], {}
     for enc in encoders:
         feats = None
         if mode == "frozen":
@@ -508,7 +509,12 @@ def segmentation_sweep(encoders: Sequence[Encoder], data: SegmentationData,
             res = train_segmentation(enc, data.images, data.masks, train_idx[pos], test_idx, mode=mode, steps=steps,
                                      batch_size=batch_size, lr=lr, seed=seed, device=device, features=feats,
                                      **train_kwargs)
+            if keep_predictions:
+                predictions[(enc.name, fraction, seed)] = res["predictions"]
             rows.append({"method": enc.name, "task": task, "fraction": fraction, "seed": seed, "metric": "dice",
                          "value": res["dice"], "mode": mode, "train images": res["train_images"], "steps": steps,
                          "step s": round(res["step_s"], 4)})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if keep_predictions:  # {(method, fraction, seed): the test predictions}, for figures without retraining
+        out.attrs["predictions"] = predictions
+    return out
