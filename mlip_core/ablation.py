@@ -78,6 +78,36 @@ def retrieval_rows(runs: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)) -> list[d
     return rows
 
 
+RUN_TABLE = "06_ablations_runs.csv"  # in workspace("results"): the grid's runs, read by the transfer chapters
+
+
+def grid_runs(methods: Sequence[str], results_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The rows of the ablation grid's run table (:func:`write_run_table`, chapter 06) for ``methods``, each
+    pretraining seed a row; a clear error when the grid has not run or trained none of a method."""
+    from mlip_core.paths import workspace
+
+    path = Path(results_dir if results_dir is not None else workspace("results")) / RUN_TABLE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the chapter 06_ablations first (it trains the towers)")
+    runs = pd.read_csv(path)
+    runs = runs[runs["config"].isin(list(methods))].reset_index(drop=True)
+    missing = sorted(set(methods) - set(runs["config"]))
+    if missing:
+        raise ValueError(f"{path}: the grid trained no run of {missing}; add them to chapter 06's `configs` or "
+                         "leave them out of `methods`")
+    return runs
+
+
+def by_pretraining_seed(rows: pd.DataFrame, encoders: Sequence[tuple[str, int, Any]]) -> pd.DataFrame:
+    """Result rows whose ``method`` is a :func:`run_encoders` name (``<config>_seed<seed>``) with the config as
+    method and the pretraining seed as seed; other rows (init baselines) keep their method and seed."""
+    which = {enc.name: (config, seed) for config, seed, enc in encoders}
+    out = rows.copy()
+    out["seed"] = [which[m][1] if m in which else s for m, s in zip(rows["method"], rows["seed"])]
+    out["method"] = [which.get(m, (m, 0))[0] for m in rows["method"]]
+    return out
+
+
 def run_encoders(runs: pd.DataFrame) -> list[tuple[str, int, Any]]:
     """(config, seed, :class:`~mlip_core.transfer.classify.Encoder`) of every run's exported image tower, named
     ``<config>_seed<seed>`` (the name keys the feature cache, so every chapter that probes them shares it)."""
@@ -94,8 +124,9 @@ def init_encoders(runs: pd.DataFrame) -> list[Any]:
     from mlip_core.transfer.classify import Encoder
 
     image = load_config(Path(runs["run_dir"].iloc[0]) / "config.yaml").model.image
-    return [Encoder(f"random init {image.name}", "tower", image.image_size, tower={"name": image.name, "pretrained": ""}),
-            Encoder("ImageNet init", "tower", image.image_size, tower={"name": image.name, "pretrained": image.pretrained})]
+    size = image.image_size
+    return [Encoder(f"random init {image.name}", "tower", size, tower={"name": image.name, "pretrained": ""}),
+            Encoder("ImageNet init", "tower", size, tower={"name": image.name, "pretrained": image.pretrained})]
 
 
 def probe_rows(runs: pd.DataFrame, task: Any, masks: dict[tuple[float, int], np.ndarray],

@@ -64,7 +64,8 @@ import pandas as pd
 import seaborn as sns
 from myst_nb import glue
 
-from mlip_core.ablation import differences_vs, init_encoders, probe_rows, run_encoders
+from mlip_core.ablation import (by_pretraining_seed, differences_vs, grid_runs, init_encoders, probe_rows,
+                                run_encoders)
 from mlip_core.data.downstream import CHEXPERT_5
 from mlip_core.data.transfer_worlds import ensure_transfer_world, transfer_world_parameters
 from mlip_core.notebook import setup
@@ -90,14 +91,7 @@ print(f"device: {device}; methods {method_list}; label fractions {fractions}; fi
 # changes rank.
 
 # %%
-runs_path = workspace("results") / "06_ablations_runs.csv"
-if not runs_path.is_file():
-    raise FileNotFoundError(f"{runs_path} is missing: run the chapter 06_ablations first (it trains the towers)")
-runs = pd.read_csv(runs_path)
-runs = runs[runs["config"].isin(method_list)].reset_index(drop=True)
-missing = sorted(set(method_list) - set(runs["config"]))
-if missing:
-    raise ValueError(f"chapter 06 trained no run of {missing}; add them to its `configs` or drop them from `methods`")
+runs = grid_runs(method_list)
 pretrained = run_encoders(runs)
 floor = Encoder(f"raw pixels {raw_size}x{raw_size}", "raw", raw_size)
 baselines = [floor] + init_encoders(runs)
@@ -172,13 +166,11 @@ plt.show()
 # %%
 t0 = time.perf_counter()
 ft_masks = {(f, 0): masks[(f, 0)] for f in ft_fractions}
-name_to_method = {enc.name: (method, s) for method, s, enc in pretrained}
 ft_encoders = [e for e in baselines if e.kind == "tower"] + [enc for _, _, enc in pretrained]
 ft = finetune_sweep(ft_encoders, task, ft_masks, cache_root, steps=finetune_steps, batch_size=finetune_batch_size,
                     lr=finetune_lr, device=device)
 ft_rows = sweep_results(ft, "finetune")
-ft_rows["seed"] = [name_to_method.get(m, (m, 0))[1] for m in ft_rows["method"]]
-ft_rows["method"] = [name_to_method.get(m, (m, 0))[0] for m in ft_rows["method"]]
+ft_rows = by_pretraining_seed(ft_rows, pretrained)
 ft_minutes = (time.perf_counter() - t0) / 60
 print(f"{len(ft_encoders) * len(ft_masks)} fine-tuning runs of {finetune_steps} steps in {ft_minutes:.1f} min "
       f"({ft['s/step'].mean():.2f} s per step)")
@@ -197,8 +189,8 @@ mean_std_table(ft_summary, order)
 zs_rows = pd.DataFrame()
 if zero_shot:
     t0 = time.perf_counter()
-    zs_rows = pd.concat([zeroshot_eval(r.run_dir, task, "test", cache_root=cache_root, device=device).assign(task="zeroshot")
-                         for r in runs.itertuples(index=False)], ignore_index=True)
+    zs_rows = pd.concat([zeroshot_eval(r.run_dir, task, "test", cache_root=cache_root, device=device)
+                         for r in runs.itertuples(index=False)], ignore_index=True).assign(task="zeroshot")
     print(f"zero-shot of {len(runs)} runs in {time.perf_counter() - t0:.0f} s")
     zs_table = zs_rows.pivot_table(index="method", columns="metric", values="value", aggfunc=["mean", "std"])
     display_cols = ["macro_AUROC"] + [f"AUROC {lab}" for lab in task.labels]
@@ -286,8 +278,9 @@ print(f"{len(beyond)} of {len(checks)} differences from ConVIRT exceed the seeds
 from mlip_core.train import read_metrics  # noqa: E402
 
 mlip_1, imagenet_1 = mean_at[("mlip", fractions[0])], mean_at[("ImageNet init", fractions[0])]
-claim_probe = (f"MLIP's probe at {fractions[0]:.0%} of the labels: {mlip_1:.3f} macro AUROC against {imagenet_1:.3f} for "
-               f"ImageNet init, so it {'beats' if mlip_1 > imagenet_1 else 'does not beat'} the weights it started from")
+claim_probe = (f"MLIP's probe at {fractions[0]:.0%} of the labels: {mlip_1:.3f} macro AUROC against {imagenet_1:.3f} "
+               f"for ImageNet init, so it {'beats' if mlip_1 > imagenet_1 else 'does not beat'} the weights it started "
+               "from")
 val = [read_metrics(r.run_dir, "val")[-1] for r in runs.itertuples(index=False) if r.config == "mlip"]
 r10 = np.mean([(v["i2t_R@10"] + v["t2i_R@10"]) / 2 for v in val])
 chance = min(100.0, 100 * 10 / np.mean([v["val_n"] for v in val]))  # R@10 of a random ranking

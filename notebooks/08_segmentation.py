@@ -51,7 +51,7 @@ import pandas as pd
 import seaborn as sns
 from myst_nb import glue
 
-from mlip_core.ablation import differences_vs, init_encoders, run_encoders
+from mlip_core.ablation import by_pretraining_seed, differences_vs, grid_runs, init_encoders, run_encoders
 from mlip_core.data.downstream import dataset_splits, load_siim
 from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
@@ -73,11 +73,7 @@ print(f"device: {device}; methods {method_list}; label fractions {fractions}; mo
 # random 70 / 15 / 15 as MGCA does. Images are decoded once, at the towers' input size, with their masks.
 
 # %%
-runs_path = workspace("results") / "06_ablations_runs.csv"
-if not runs_path.is_file():
-    raise FileNotFoundError(f"{runs_path} is missing: run the chapter 06_ablations first (it trains the towers)")
-runs = pd.read_csv(runs_path)
-runs = runs[runs["config"].isin(method_list)].reset_index(drop=True)
+runs = grid_runs(method_list)
 pretrained = run_encoders(runs)
 baselines = init_encoders(runs)
 size = pretrained[0][2].image_size
@@ -105,14 +101,12 @@ counts
 # %%
 t0 = time.perf_counter()
 splits = data.df["split"].to_numpy()
-name_to_method = {enc.name: (method, s) for method, s, enc in pretrained}
 rows = segmentation_sweep(baselines + [enc for _, _, enc in pretrained], data, splits, fractions=fractions, seeds=(0,),
                           mode=mode, steps=steps, batch_size=batch_size, lr=lr, balance=balance,
                           feature_cache_dir=workspace("features", "segmentation"),
                           split_dir=workspace("splits", "segmentation"), device=device, keep_predictions=True)
 predictions = rows.attrs["predictions"]
-rows["seed"] = [name_to_method.get(m, (m, 0))[1] for m in rows["method"]]
-rows["method"] = [name_to_method.get(m, (m, 0))[0] for m in rows["method"]]
+rows = by_pretraining_seed(rows, pretrained)
 test_truth = data.masks[splits == "test"].reshape((splits == "test").sum(), -1).any(1)
 empty_dice = float((~test_truth).mean())  # an all-background prediction: 1 on empty masks, 0 elsewhere
 rows = pd.concat([rows, pd.DataFrame([{"method": "predict nothing", "task": "siim_segmentation", "fraction": f,
@@ -151,6 +145,7 @@ plt.show()
 test_all = np.flatnonzero(splits == "test")
 shown = np.flatnonzero(test_truth)[:n_examples]  # positions among the test images
 show = [e for e in baselines if "ImageNet" in e.name] + [enc for m, s, enc in pretrained if s == pretrained[0][1]]
+titles = {enc.name: config for config, _, enc in pretrained}
 fig, axes = plt.subplots(len(shown), len(show), figsize=(2.1 * len(show), 2.1 * len(shown)), squeeze=False)
 for j, enc in enumerate(show):
     pred = predictions[(enc.name, fractions[-1], 0)]
@@ -162,7 +157,7 @@ for j, enc in enumerate(show):
             ax.contour(pred[t], levels=[0.5], colors="red", linewidths=0.8)
         ax.set_xticks([]), ax.set_yticks([])
         if i == 0:
-            ax.set_title(name_to_method.get(enc.name, (enc.name, 0))[0], fontsize=8)
+            ax.set_title(titles.get(enc.name, enc.name), fontsize=8)
 plt.tight_layout()
 plt.show()
 

@@ -50,7 +50,7 @@ import seaborn as sns
 from matplotlib.patches import Rectangle
 from myst_nb import glue
 
-from mlip_core.ablation import differences_vs, init_encoders, run_encoders
+from mlip_core.ablation import by_pretraining_seed, differences_vs, grid_runs, init_encoders, run_encoders
 from mlip_core.data.downstream import dataset_splits, load_rsna
 from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
@@ -73,11 +73,7 @@ print(f"device: {device}; methods {method_list}; label fractions {fractions}; mo
 # folder is split at random 70 / 15 / 15 as MGCA does.
 
 # %%
-runs_path = workspace("results") / "06_ablations_runs.csv"
-if not runs_path.is_file():
-    raise FileNotFoundError(f"{runs_path} is missing: run the chapter 06_ablations first (it trains the towers)")
-runs = pd.read_csv(runs_path)
-runs = runs[runs["config"].isin(method_list)].reset_index(drop=True)
+runs = grid_runs(method_list)
 pretrained = run_encoders(runs)
 baselines = init_encoders(runs)
 size = pretrained[0][2].image_size
@@ -97,14 +93,12 @@ data.df.assign(boxes_n=n_boxes).groupby("split").agg(images=("target", "size"), 
 # %%
 t0 = time.perf_counter()
 splits = data.df["split"].to_numpy()
-name_to_method = {enc.name: (method, s) for method, s, enc in pretrained}
 rows = detection_sweep(baselines + [enc for _, _, enc in pretrained], data, splits, fractions=fractions, seeds=(0,),
                        mode=mode, steps=steps, batch_size=batch_size, lr=lr, task="rsna_detection",
                        id_col="patient_id", feature_cache_dir=workspace("features", "detection"),
                        split_dir=workspace("splits", "detection"), device=device, keep_predictions=True)
 predictions = rows.attrs["predictions"]
-rows["seed"] = [name_to_method.get(m, (m, 0))[1] for m in rows["method"]]
-rows["method"] = [name_to_method.get(m, (m, 0))[0] for m in rows["method"]]
+rows = by_pretraining_seed(rows, pretrained)
 det_minutes = (time.perf_counter() - t0) / 60
 print(f"{len(rows) // 2} detectors trained ({steps} steps each, {mode} backbone) in {det_minutes:.1f} min; "
       "training images per fraction: " + ", ".join(f"{f:.0%}: {int(rows[rows['fraction'] == f]['train images'].max())}"
@@ -140,6 +134,7 @@ plt.show()
 test_all = np.flatnonzero(splits == "test")
 shown = np.flatnonzero(n_boxes[test_all] > 0)[:n_examples]  # positions among the test images
 show = [e for e in baselines if "ImageNet" in e.name] + [enc for m, s, enc in pretrained if s == pretrained[0][1]]
+titles = {enc.name: config for config, _, enc in pretrained}
 fig, axes = plt.subplots(len(shown), len(show), figsize=(2.1 * len(show), 2.1 * len(shown)), squeeze=False)
 for j, enc in enumerate(show):
     preds = predictions[(enc.name, fractions[-1], 0)]
@@ -154,7 +149,7 @@ for j, enc in enumerate(show):
             ax.text(x0, y0, f"{sc:.2f}", color="red", fontsize=6, va="bottom")
         ax.set_xticks([]), ax.set_yticks([])
         if i == 0:
-            ax.set_title(name_to_method.get(enc.name, (enc.name, 0))[0], fontsize=8)
+            ax.set_title(titles.get(enc.name, enc.name), fontsize=8)
 plt.tight_layout()
 plt.show()
 

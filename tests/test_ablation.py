@@ -79,3 +79,28 @@ def test_ceiling_rows_score_report_text_against_the_drawn_findings_and_each_enco
     labels.to_csv(tmp_path / "pre" / "synth" / "labels.csv", index=False)
     rows = ceiling_rows(tmp_path / "pre", task, params, [], tmp_path / "cache", tmp_path / "feats")
     assert len(rows) == 1 and np.isnan(rows[0]["value"])
+
+
+def test_grid_runs_names_the_missing_table_and_methods(tmp_path):
+    from mlip_core.ablation import RUN_TABLE, grid_runs
+
+    with pytest.raises(FileNotFoundError, match="06_ablations first"):
+        grid_runs(["mlip"], results_dir=tmp_path)
+    pd.DataFrame({"config": ["mlip", "convirt", "mlip"], "seed": [0, 0, 1], "run_dir": ["a", "b", "c"],
+                  "export": ["", "", ""]}).to_csv(tmp_path / RUN_TABLE, index=False)
+    assert grid_runs(["mlip"], results_dir=tmp_path)["seed"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match=r"no run of \['gloria'\]"):
+        grid_runs(["mlip", "gloria"], results_dir=tmp_path)
+
+
+def test_by_pretraining_seed_maps_tower_names_back_to_config_and_seed():
+    from types import SimpleNamespace
+
+    from mlip_core.ablation import by_pretraining_seed
+
+    encoders = [("mlip", 2, SimpleNamespace(name="mlip_seed2")), ("convirt", 1, SimpleNamespace(name="convirt_seed1"))]
+    rows = pd.DataFrame({"method": ["mlip_seed2", "convirt_seed1", "ImageNet init"], "seed": [0, 0, 0],
+                         "value": [0.1, 0.2, 0.3]})
+    out = by_pretraining_seed(rows, encoders)
+    assert out[["method", "seed"]].values.tolist() == [["mlip", 2], ["convirt", 1], ["ImageNet init", 0]]
+    assert rows["method"].tolist()[0] == "mlip_seed2"  # the input is left as it was
