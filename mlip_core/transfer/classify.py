@@ -50,6 +50,7 @@ __all__ = [
     "find_exports",
     "fraction_masks",
     "image_cache",
+    "label_rows",
     "linear_probe",
     "offline_world_task",
     "probe_sweep",
@@ -384,19 +385,29 @@ def probe_sweep(features: np.ndarray, task: ClassificationTask, masks: dict[tupl
                 val_means.append(_mean_with_chance(res, y_all[val_idx], labels))
             best_c = float(Cs[int(np.nanargmax(val_means))]) if not np.all(np.isnan(val_means)) else best_c
         res = linear_probe(features[tr], y_all[tr], features[test_idx], labels, C=best_c, seed=seed, max_iter=max_iter)
-        aurocs, skipped = auroc_per_label(y_all[test_idx], res.scores, labels)
-        for j, name in enumerate(labels):
-            if name in skipped:
-                status, auc = f"skipped: {skipped[name]}", np.nan
-            elif name in res.constant:
-                status, auc = f"chance: {res.constant[name]}", 0.5
-            else:
-                status, auc = "scored", aurocs[name]
-            rows.append({"encoder": encoder, "fraction": fraction, "seed": seed, "C": best_c, "label": name,
-                         "auroc": auc, "status": status, "train images": len(tr),
-                         "train positives": int(np.nansum(y_all[tr, j])),
-                         "test positives": int(np.nansum(y_all[test_idx, j]))})
+        rows += label_rows(encoder, fraction, seed, best_c, labels, y_all[tr], y_all[test_idx], res.scores,
+                           res.constant, train_images=len(tr))
     return pd.DataFrame(rows)
+
+
+def label_rows(encoder: str, fraction: float, seed: int, C: float, labels: Sequence[str], y_train: np.ndarray,
+               y_test: np.ndarray, scores: np.ndarray, constant: dict[str, str], train_images: int) -> list[dict]:
+    """One row per label of a fitted model (probe or fine-tuned): its test AUROC ("scored"); 0.5 where the model
+    could only predict a constant (``constant``: one class among the training labels, "chance"); NaN with the
+    reason where the test split holds one class ("skipped")."""
+    aurocs, skipped = auroc_per_label(y_test, scores, labels)
+    rows = []
+    for j, name in enumerate(labels):
+        if name in skipped:
+            status, auc = f"skipped: {skipped[name]}", np.nan
+        elif name in constant:
+            status, auc = f"chance: {constant[name]}", 0.5
+        else:
+            status, auc = "scored", aurocs[name]
+        rows.append({"encoder": encoder, "fraction": fraction, "seed": seed, "C": C, "label": name, "auroc": auc,
+                     "status": status, "train images": train_images, "train positives": int(np.nansum(y_train[:, j])),
+                     "test positives": int(np.nansum(y_test[:, j]))})
+    return rows
 
 
 def _mean_with_chance(res: ProbeResult, y_true: np.ndarray, labels: Sequence[str]) -> float:

@@ -94,6 +94,7 @@ from mlip_core.transfer.classify import (
     auroc_per_label,
     build_tower,
     image_cache,
+    label_rows,
 )
 
 __all__ = [
@@ -495,18 +496,8 @@ def finetune_sweep(encoders: Sequence[Encoder], task: ClassificationTask | Multi
                 rows += [{**r, "train images": res.train_images, **extra} for r in part]
                 continue
             y_tr = task.df[labels].to_numpy(dtype=np.float64)[tr]
-            aurocs, skipped = auroc_per_label(res.targets, res.scores, labels)
-            for j, name in enumerate(labels):
-                if name in skipped:
-                    status, auc = f"skipped: {skipped[name]}", np.nan
-                elif name in res.constant:
-                    status, auc = f"chance: {res.constant[name]}", 0.5
-                else:
-                    status, auc = "scored", aurocs[name]
-                rows.append({"encoder": enc.name, "fraction": fraction, "seed": seed, "C": np.nan, "label": name,
-                             "auroc": auc, "status": status, "train images": res.train_images,
-                             "train positives": int(np.nansum(y_tr[:, j])),
-                             "test positives": int(np.nansum(res.targets[:, j])), **extra})
+            rows += [{**r, **extra} for r in label_rows(enc.name, fraction, seed, np.nan, labels, y_tr, res.targets,
+                                                        res.scores, res.constant, train_images=res.train_images)]
     return pd.DataFrame(rows)
 
 
