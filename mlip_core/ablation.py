@@ -24,16 +24,6 @@ from mlip_core.config import pretrain_config
 
 log = logging.getLogger(__name__)
 
-# The data of the offline *transfer* world (rendered apart from the pretraining world, as CheXpert is apart from
-# MIMIC-CXR): template studies with every finding frequent enough that a test split of a few hundred images holds
-# >= 50 positives of each scored label (pneumonia at 0.06 gave 40 of 649 test images in the ci world).
-TRANSFER_PRIOR: dict[str, float] = {
-    "cardiomegaly": 0.16, "effusion": 0.14, "opacity": 0.14, "consolidation": 0.12, "pneumonia": 0.09,
-    "atelectasis": 0.14, "nodule": 0.08, "mass": 0.06, "pneumothorax": 0.14, "edema": 0.12, "fracture": 0.12,
-    "device": 0.12, "granuloma": 0.04, "enlarged_cardiomediastinum": 0.12, "pleural_thickening": 0.1,
-    "hyperinflation": 0.04, "hypoinflation": 0.04, "scoliosis": 0.03, "elevated_diaphragm": 0.02,
-}
-
 
 def train_grid(names: Sequence[str], seeds: Iterable[int], params: dict[str, Any], data_dir: str | os.PathLike,
                root: str | os.PathLike | None = None) -> pd.DataFrame:

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlip_core.ablation import TRANSFER_PRIOR, differences_vs, retrieval_rows
+from mlip_core.ablation import differences_vs, retrieval_rows
 from mlip_core.config import PRETRAIN_PARAMETERS, pretrain_config
 from mlip_core.data.reportgen import PRIOR
+from mlip_core.data.transfer_worlds import TRANSFER_PRIOR
 from mlip_core.results import RESULT_COLUMNS, mean_std
 
 

@@ -28,7 +28,7 @@ The worlds and their layouts (``DIR`` is ``out_dir``):
 chexpert
     ``DIR/CheXpert-v1.0-small/{train,valid}.csv`` (Path,Sex,Age,Frontal/Lateral,AP/PA,<14 labels>) and
     ``DIR/CheXpert-v1.0-small/{train,valid}/patientNNNNN/studyK/view1_frontal.jpg`` (grayscale JPEG).
-    Findings from :data:`mlip_core.ablation.TRANSFER_PRIOR` (every CheXpert finding frequent). Labels: 1.0
+    Findings from :data:`TRANSFER_PRIOR` (every CheXpert finding frequent). Labels: 1.0
     drawn; in ``train.csv`` a drawn finding flagged uncertain is -1.0 (CheXpert's train labels come from a
     labeler) and an absent one is blank ("not mentioned"); ``valid.csv`` (radiologist-labelled in CheXpert)
     has only 1.0 and 0.0. "No Finding" is 1.0 when nothing but support devices is drawn. ``valid.csv`` is the
@@ -90,19 +90,29 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mlip_core.ablation import TRANSFER_PRIOR
 from mlip_core.data.reportgen import PRIOR, sample_findings
 from mlip_core.data.synth_findings import DEVICE_KINDS, FINDING_TO_CHEXPERT, Finding
+from mlip_core.data.downstream import TRANSFER_SPLIT_FILE
 from mlip_core.data.synth_render import Patient, Rendered, render, sample_patient, sample_scene
 
-__all__ = ["TRANSFER_TASKS", "TransferWorldSummary", "write_transfer_world", "ensure_transfer_world",
+__all__ = ["TRANSFER_PRIOR", "TRANSFER_TASKS", "TransferWorldSummary", "write_transfer_world", "ensure_transfer_world",
            "remove_transfer_world", "transfer_world_parameters", "rerender", "world_paths", "main",
            "MANIFEST_NAME", "SPLIT_FILE", "COMPETITION_FINDINGS"]
+
+# Findings of the CheXpert-layout world (rendered apart from the pretraining world, as CheXpert is apart from
+# MIMIC-CXR): template studies with every finding frequent enough that a test split of a few hundred images holds
+# >= 50 positives of each scored label (pneumonia at 0.06 gave 40 of 649 test images in the ci world).
+TRANSFER_PRIOR: dict[str, float] = {
+    "cardiomegaly": 0.16, "effusion": 0.14, "opacity": 0.14, "consolidation": 0.12, "pneumonia": 0.09,
+    "atelectasis": 0.14, "nodule": 0.08, "mass": 0.06, "pneumothorax": 0.14, "edema": 0.12, "fracture": 0.12,
+    "device": 0.12, "granuloma": 0.04, "enlarged_cardiomediastinum": 0.12, "pleural_thickening": 0.1,
+    "hyperinflation": 0.04, "hypoinflation": 0.04, "scoliosis": 0.03, "elevated_diaphragm": 0.02,
+}
 
 TRANSFER_TASKS = ("chexpert", "siim", "rsna", "covidx", "object_cxr")
 TRANSFER_WORLD_VERSION = 1
 MANIFEST_NAME = "mlip-transfer-manifest.json"
-SPLIT_FILE = "mlip-transfer-split.csv"
+SPLIT_FILE = TRANSFER_SPLIT_FILE  # the patient-level split of SIIM / RSNA worlds, read by dataset_splits
 # The five CheXpert competition findings, as renderer findings (-> CheXpert column via FINDING_TO_CHEXPERT).
 COMPETITION_FINDINGS = ("atelectasis", "cardiomegaly", "consolidation", "edema", "effusion")
 RSNA_CLASSES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
