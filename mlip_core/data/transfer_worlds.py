@@ -90,9 +90,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mlip_core.data.downstream import TRANSFER_SPLIT_FILE
 from mlip_core.data.reportgen import PRIOR, sample_findings
 from mlip_core.data.synth_findings import DEVICE_KINDS, FINDING_TO_CHEXPERT, Finding
-from mlip_core.data.downstream import TRANSFER_SPLIT_FILE
 from mlip_core.data.synth_render import Patient, Rendered, render, sample_patient, sample_scene
 
 __all__ = ["TRANSFER_PRIOR", "TRANSFER_TASKS", "TransferWorldSummary", "write_transfer_world", "ensure_transfer_world",
