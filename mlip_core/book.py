@@ -11,12 +11,18 @@ Notebooks are the ``notebooks/...`` entries of ``book/_toc.yml``, in table-of-co
 chapter may read what an earlier one wrote, e.g. the offline world). Each profile
 ``book/profiles/<name>.yaml`` maps a notebook name to its Papermill parameters. Executed notebooks
 land in ``book/notebooks/`` where Jupyter Book renders them with execution off, so nothing runs twice.
+
+Every chapter the runner executes with a profile's own parameters (no ``-p`` override) has its wall time
+recorded in ``book/chapter_times.csv`` (one row per chapter and profile, the latest run, with the machine
+it ran on); each chapter opens with its row of that table (:func:`chapter_times`), and ``--list`` prints it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import csv
+import io
 import os
 import re
 import shutil
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +74,83 @@ class BookRun:
         lines.append("-" * (width + 18))
         lines.append(f"{'total (' + self.profile + ')':<{width}}  {'':<6}  {total:8.1f}")
         return "\n".join(lines)
+
+
+CHAPTER_TIMES_FILE = "chapter_times.csv"
+CHAPTER_TIMES_COLUMNS = ("notebook", "profile", "seconds", "machine", "date")
+PROFILE_ORDER = ("smoke", "fixtures", "ci", "gpu", "full")
+
+
+def machine_description() -> str:
+    """What the timings were measured on: CPU cores, and the GPU when ``nvidia-smi`` names one."""
+    text = f"{os.cpu_count()} CPU cores"
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            names = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=20, check=True).stdout.split("\n")
+        except (OSError, subprocess.SubprocessError):
+            names = []
+        names = [n.strip() for n in names if n.strip()]
+        if names:
+            text += f", {len(names)}× {names[0]}"
+    return text
+
+
+def read_chapter_times(book: Path | None = None) -> list[dict[str, str]]:
+    """The rows of ``book/chapter_times.csv`` (none when the file does not exist yet)."""
+    path = (book or default_book_dir()) / CHAPTER_TIMES_FILE
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and set(CHAPTER_TIMES_COLUMNS) - set(rows[0]):
+        raise BookError(f"{path}: expected the columns {', '.join(CHAPTER_TIMES_COLUMNS)}; delete the file (the "
+                        "runner writes it again) or restore it from git")
+    return rows
+
+
+def record_chapter_times(book: Path, profile: str, runs: list[NotebookRun], machine: str | None = None) -> Path:
+    """Replace the rows of ``profile`` for the chapters in ``runs`` (status ok) with their new times."""
+    from mlip_core.checkpoint import atomic_write
+
+    machine = machine or machine_description()
+    today = date.today().isoformat()
+    fresh = {r.name: r for r in runs if r.status == "ok"}
+    rows = [row for row in read_chapter_times(book) if not (row["profile"] == profile and row["notebook"] in fresh)]
+    rows += [{"notebook": r.name, "profile": profile, "seconds": f"{r.seconds:.1f}", "machine": machine,
+              "date": today} for r in fresh.values()]
+    toc = {name: i for i, name in enumerate(toc_notebooks(book))}
+    rank = {name: i for i, name in enumerate(PROFILE_ORDER)}
+    rows.sort(key=lambda row: (toc.get(row["notebook"], len(toc)), rank.get(row["profile"], len(rank)),
+                               row["profile"]))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CHAPTER_TIMES_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(book / CHAPTER_TIMES_FILE, lambda fh: fh.write(buffer.getvalue()), mode="w")
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds} s" if seconds < 90 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def chapter_times(notebook: str, book: Path | None = None) -> str:
+    """A Markdown table of ``notebook``'s last measured wall time with each profile, as the runner recorded
+    it, for a chapter's opening (``IPython.display.Markdown(chapter_times(...))``)."""
+    rows = [row for row in read_chapter_times(book) if row["notebook"] == notebook]
+    if not rows:
+        return (f"*No time recorded yet for `{notebook}`: the runner (`python -m mlip_core.book`) records one "
+                "each time it executes the chapter with a profile.*")
+    lines = ["| profile | time | machine | measured |", "|---|---:|---|---|"]
+    lines += [f"| `{row['profile']}` | {_duration(float(row['seconds']))} | {row['machine']} | {row['date']} |"
+              for row in rows]
+    missing = [p for p in PROFILE_ORDER if p not in {row["profile"] for row in rows}]
+    if missing:
+        lines.append("")
+        lines.append("Not measured yet: " + ", ".join(f"`{p}`" for p in missing) + ".")
+    return "\n".join(lines)
 
 
 def available_profiles(book: Path) -> list[str]:
@@ -368,12 +452,14 @@ def run_book(
     notebooks: Path | None = None,
     timeout: float | None = None,
     log=print,
+    record_times: bool = True,
 ) -> BookRun:
     """Execute the selected notebooks (default: all, in toc order) and return their timings.
 
     Every notebook's parameters are checked before the first one runs, so a typo in a profile fails
     in seconds, not after an hour. Stops at the first failing notebook (raising
-    :class:`NotebookFailed`): later chapters depend on what earlier ones wrote.
+    :class:`NotebookFailed`): later chapters depend on what earlier ones wrote. With ``record_times``
+    and no overrides, each chapter's time is written to ``book/chapter_times.csv`` as soon as it finishes.
     """
     book = book or default_book_dir()
     notebooks = notebooks or default_notebooks_dir()
@@ -446,7 +532,29 @@ def run_book(
                 log(result.timing_table())
                 raise
             result.runs.append(NotebookRun(name, time.perf_counter() - start, "ok", output))
+            if record_times and not overrides:  # a -p override changes what the time measures
+                record_chapter_times(book, profile, result.runs[-1:])
     return result
+
+
+def times_table(book: Path) -> str:
+    """Plain text: each chapter's last recorded time per profile (``book/chapter_times.csv``)."""
+    rows = read_chapter_times(book)
+    profiles = [p for p in PROFILE_ORDER if any(r["profile"] == p for r in rows)]
+    profiles += sorted({r["profile"] for r in rows} - set(profiles))
+    if not rows:
+        return f"chapter times: none recorded yet ({book / CHAPTER_TIMES_FILE})"
+    seconds = {(r["notebook"], r["profile"]): float(r["seconds"]) for r in rows}
+    names = toc_notebooks(book)
+    width = max(len(n) for n in names + ["notebook"])
+    lines = [f"last recorded time per chapter and profile ({book / CHAPTER_TIMES_FILE}):",
+             f"{'notebook':<{width}}" + "".join(f"  {p:>12}" for p in profiles)]
+    for name in names:
+        cells = [_duration(seconds[(name, p)]) if (name, p) in seconds else "-" for p in profiles]
+        lines.append(f"{name:<{width}}" + "".join(f"  {c:>12}" for c in cells))
+    machines = sorted({f"{r['profile']}: {r['machine']}" for r in rows})
+    lines.append("measured on " + "; ".join(machines))
+    return "\n".join(lines)
 
 
 def build_html(book: Path | None = None) -> Path:
@@ -479,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print("notebooks:", " ".join(toc_notebooks(book)))
             print("profiles:", " ".join(available_profiles(book)))
+            print(times_table(book))
             return 0
         result = run_book(args.profile, args.only, args.param, args.out, book, args.notebooks_dir, args.timeout)
         print(result.timing_table())

@@ -228,3 +228,40 @@ def test_successful_run_logs_no_error_and_no_tcp_warning(tmp_path):
     log = proc.stdout + proc.stderr
     assert "ERROR" not in log and "KeyboardInterrupt" not in log, log
     assert "without encryption" not in log, log
+
+
+def test_chapter_times_are_recorded_per_profile_and_shown(tmp_path):
+    from mlip_core.book import chapter_times, read_chapter_times, times_table
+
+    book, nb_dir = make_book(tmp_path, {"01_a": GOOD, "02_b": FAILING}, {"smoke": "", "ci": ""})
+    assert "No time recorded yet" in chapter_times("01_a", book)
+    with pytest.raises(NotebookFailed):
+        run_book("smoke", book=book, notebooks=nb_dir, out_dir=tmp_path / "out", log=lambda *_: None)
+    rows = read_chapter_times(book)
+    # the chapter that finished is recorded, the failed one is not
+    assert [(r["notebook"], r["profile"]) for r in rows] == [("01_a", "smoke")]
+    assert float(rows[0]["seconds"]) > 0 and "CPU cores" in rows[0]["machine"]
+    run_book("ci", only=["01_a"], book=book, notebooks=nb_dir, out_dir=tmp_path / "out", log=lambda *_: None)
+    first = {r["profile"]: r["seconds"] for r in read_chapter_times(book)}
+    assert set(first) == {"smoke", "ci"}
+    # an override changes what the time measures: nothing is recorded
+    run_book("ci", only=["01_a"], overrides=["x=5"], book=book, notebooks=nb_dir, out_dir=tmp_path / "out",
+             log=lambda *_: None)
+    assert {r["profile"]: r["seconds"] for r in read_chapter_times(book)} == first
+    # a re-run replaces its own row and keeps the other profile's
+    run_book("ci", only=["01_a"], book=book, notebooks=nb_dir, out_dir=tmp_path / "out", log=lambda *_: None)
+    rows = read_chapter_times(book)
+    assert sorted(r["profile"] for r in rows) == ["ci", "smoke"]
+    table = chapter_times("01_a", book)
+    assert "| `smoke` |" in table and "| `ci` |" in table and "Not measured yet: `fixtures`, `gpu`, `full`" in table
+    text = times_table(book)
+    assert text.splitlines()[1].split() == ["notebook", "smoke", "ci"] and "02_b" in text
+
+
+def test_a_mangled_times_file_names_itself_and_the_fix(tmp_path):
+    from mlip_core.book import read_chapter_times
+
+    book, _ = make_book(tmp_path, {"01_a": GOOD}, {"smoke": ""})
+    (book / "chapter_times.csv").write_text("name,secs\n01_a,3\n")
+    with pytest.raises(BookError, match="chapter_times.csv: expected the columns .* delete the file"):
+        read_chapter_times(book)
