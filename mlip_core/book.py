@@ -153,6 +153,36 @@ def chapter_times(notebook: str, book: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+# The chapters' parameters that point at real data (the ``full`` profile sets them): empty means the offline
+# world the book writes itself. What each one replaces, for the runner's report.
+REAL_DATA_PARAMETERS = {
+    "mimic_root": "MIMIC-CXR-JPG (images, split, metadata, labels)",
+    "mimic_reports_root": "the MIMIC-CXR reports (folder or mimic-cxr-reports.zip)",
+    "pretrained_run": "a pretraining run trained from a terminal (python -m mlip_core.train / torchrun)",
+    "chexpert_root": "CheXpert",
+    "covidx_root": "COVIDx",
+    "siim_root": "SIIM-ACR Pneumothorax",
+    "rsna_root": "RSNA Pneumonia",
+    "object_cxr_root": "Object-CXR",
+}
+
+
+def real_data_report(plan: list[tuple[str, dict[str, Any], dict[str, Parameter]]]) -> list[str]:
+    """One line per chapter that declares real-data parameters: what each reads, or that it falls back."""
+    lines = []
+    for name, params, declared in plan:
+        parts = []
+        for key in REAL_DATA_PARAMETERS:
+            if key not in declared:
+                continue
+            value = params.get(key, declared[key].default.strip("'\""))
+            parts.append(f"{key}={value}" if value else f"{key} empty (offline world instead of "
+                                                          f"{REAL_DATA_PARAMETERS[key].split(' (')[0]})")
+        if parts:
+            lines.append(f"{name}: " + "; ".join(parts))
+    return lines
+
+
 def available_profiles(book: Path) -> list[str]:
     """Profile names found in ``book/profiles/*.yaml``."""
     return sorted(p.stem for p in (book / "profiles").glob("*.yaml"))
@@ -299,6 +329,14 @@ def declared_parameters(nb_path: Path) -> dict[str, Parameter]:
     if not cells:
         raise BookError(f"{nb_path}: no cell tagged 'parameters'")
     return parse_parameters_cell(cells[0].source, where=str(nb_path))
+
+
+def _parameters_source(source: Path) -> str:
+    """The source of the ``parameters`` cell of a percent-format ``.py`` (empty when it has none)."""
+    import jupytext
+
+    cells = [c for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", [])]
+    return cells[0].source if cells else ""
 
 
 def to_ipynb(source: Path, target: Path) -> None:
@@ -486,6 +524,7 @@ def run_book(
     result = BookRun(profile=profile)
     with tempfile.TemporaryDirectory() as tmp:
         plan: list[tuple[str, Path, dict[str, Any]]] = []
+        declared_by: dict[str, dict[str, Parameter]] = {}
         used_globals: set[str] = set()
         type_errors: list[str] = []
         for name in names:
@@ -515,12 +554,21 @@ def run_book(
                 if problem:
                     type_errors.append(problem)
             plan.append((name, unexecuted, params))
+            declared_by[name] = declared
         unused = sorted(set(parsed.get(None, {})) - used_globals)
         if unused:
             raise BookError(f"no selected notebook declares parameter(s) {', '.join(unused)}")
         if type_errors:
             raise BookError("parameter(s) of the wrong type, nothing was run:\n  " + "\n  ".join(type_errors)
                            + "\npass values of the declared types (in the profile or with -p KEY=VALUE)")
+        missing_roots = [f"{name}: {key}={params[key]}" for name, _, params in plan for key in REAL_DATA_PARAMETERS
+                         if key in declared_by[name] and params.get(key) and not Path(str(params[key])).exists()]
+        if missing_roots:
+            raise BookError("real-data folder(s) that do not exist, nothing was run:\n  " + "\n  ".join(missing_roots)
+                            + "\nfix the path (in the profile or with -p KEY=VALUE), or leave it empty for the offline world")
+        real = real_data_report([(name, params, declared_by[name]) for name, _, params in plan])
+        if real and (profile == "full" or any("=" in line for line in real)):
+            log("[book] real data, before the first chapter runs:\n  " + "\n  ".join(real))
 
         for name, unexecuted, params in plan:
             log(f"[book] {name}: profile={profile} {params}")
@@ -588,6 +636,14 @@ def main(argv: list[str] | None = None) -> int:
             print("notebooks:", " ".join(toc_notebooks(book)))
             print("profiles:", " ".join(available_profiles(book)))
             print(times_table(book))
+            notebooks_dir = args.notebooks_dir or default_notebooks_dir()
+            listed = []
+            for name in toc_notebooks(book):
+                declared = parse_parameters_cell(_parameters_source(notebooks_dir / f"{name}.py"), name)
+                listed.append((name, {}, declared))
+            lines = real_data_report(listed)
+            print("real-data parameters (set them in the full profile or with -p; empty = offline world):")
+            print("\n".join(f"  {line}" for line in lines) if lines else "  (none declared)")
             return 0
         result = run_book(args.profile, args.only, args.param, args.out, book, args.notebooks_dir, args.timeout)
         print(result.timing_table())

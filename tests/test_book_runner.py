@@ -265,3 +265,34 @@ def test_a_mangled_times_file_names_itself_and_the_fix(tmp_path):
     (book / "chapter_times.csv").write_text("name,secs\n01_a,3\n")
     with pytest.raises(BookError, match="chapter_times.csv: expected the columns .* delete the file"):
         read_chapter_times(book)
+
+
+REAL = HEADER + '# %% tags=["parameters"]\nsiim_root = ""  # empty: offline\nrsna_root = ""\n\n# %%\nprint(siim_root)\n'
+
+
+def test_full_run_says_which_chapters_fall_back_before_the_first_runs(tmp_path):
+    book, nb_dir = make_book(tmp_path, {"01_a": GOOD, "08_seg": REAL}, {"full": ""})
+    data = tmp_path / "siim"
+    data.mkdir()
+    logged: list[str] = []
+    run_book("full", overrides=[f"08_seg:siim_root={data}"], book=book, notebooks=nb_dir, out_dir=tmp_path / "out",
+             log=logged.append)
+    report = next(line for line in logged if line.startswith("[book] real data"))
+    assert logged.index(report) == 0  # before the first chapter's line
+    assert f"08_seg: siim_root={data}; rsna_root empty (offline world instead of RSNA Pneumonia)" in report
+    assert "01_a" not in report  # a chapter without real-data parameters is not mentioned
+
+
+def test_a_real_data_folder_that_does_not_exist_is_refused_before_anything_runs(tmp_path):
+    book, nb_dir = make_book(tmp_path, {"08_seg": REAL}, {"full": "08_seg:\n  rsna_root: /no/such/rsna\n"})
+    with pytest.raises(BookError, match=r"do not exist, nothing was run:\n  08_seg: rsna_root=/no/such/rsna"):
+        run_book("full", book=book, notebooks=nb_dir, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_list_shows_the_real_data_parameters(tmp_path):
+    book, nb_dir = make_book(tmp_path, {"01_a": GOOD, "08_seg": REAL}, {"smoke": ""})
+    out = subprocess.run([sys.executable, "-m", "mlip_core.book", "--list", "--book-dir", str(book),
+                          "--notebooks-dir", str(nb_dir)], capture_output=True, text=True, check=True).stdout
+    assert "real-data parameters" in out
+    assert "08_seg: siim_root empty (offline world instead of SIIM-ACR Pneumothorax); rsna_root empty" in out
