@@ -16,6 +16,7 @@ name; a file that is nevertheless corrupt (disk full, copied half-way) is named 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -25,7 +26,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Iterator
 
 import numpy as np
 import torch
@@ -45,24 +46,38 @@ class CheckpointError(RuntimeError):
 # Atomic writes
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "wb") -> Path:
-    """Call ``write(fh)`` on a temporary file beside ``path``, fsync, then rename over ``path``: readers see the
-    old file or the whole new one, never a torn one. ``mode`` "w" opens text (UTF-8, no newline translation)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path`` for the caller to fill (by name: ``np.memmap``, a tool that
+    writes files); on success fsync it and rename it over ``path``, on an exception delete it. Readers see the
+    old file or the whole new one, never a torn one. The name is ``.<name>.<random>.tmp`` (unique, so two
+    writers of one path never collide); a process killed mid-write leaves it behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-        with os.fdopen(fd, mode, **kwargs) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)  # Windows refuses to fsync a read-only handle
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "wb") -> Path:
+    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it over ``path`` (:func:`atomic_path`).
+    ``mode`` "w" opens text (UTF-8, no newline translation)."""
+    kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+        write(fh)
+    return Path(path)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -46,7 +46,7 @@ def write_results(rows_or_df: pd.DataFrame | Iterable[Mapping], notebook: str, e
 
     The table must have every column of ``RESULT_COLUMNS`` (a ValueError names the missing ones) and a numeric
     ``value``; further columns are kept after them unless ``extra_columns_ok`` is False. The file is replaced
-    whole (temporary file beside it, then ``os.replace``), so a reader never sees half a table.
+    whole (:func:`mlip_core.checkpoint.atomic_write`), so a reader never sees half a table.
     """
     df = _as_frame(rows_or_df)
     missing = [c for c in RESULT_COLUMNS if c not in df.columns]

@@ -331,9 +331,7 @@ class MetricsLog:
             if rec.get("step", 0) > step:
                 continue
             kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        ckpt_lib.atomic_write(self.path, lambda fh: fh.write("".join(k + "\n" for k in kept)), "w")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -895,9 +893,7 @@ def write_image_tower_export(state: dict[str, torch.Tensor], config: dict[str, A
     path = ckpt_lib.atomic_torch_save(state, out / "image_tower.pt")
     meta = {"image": config.get("model", {}).get("image", {}), "config": config, "step": step,
             "code_version": ckpt_lib.code_version(), "state_dict": path.name}
-    tmp = out / "image_tower.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / "image_tower.json")
+    ckpt_lib.atomic_write(out / "image_tower.json", lambda fh: fh.write(json.dumps(meta, indent=2)), "w")
     return path
 
 

@@ -46,6 +46,16 @@ def test_cache_is_reused_when_inputs_match_and_rebuilt_when_they_change(tmp_path
     assert ImageCache(tmp_path / "c", paths[:-1], 24).rebuilt  # a different image list
 
 
+def test_a_killed_builds_temporary_data_file_is_removed_by_the_next_build(tmp_path):
+    paths = _files(tmp_path)
+    (tmp_path / "c").mkdir()
+    stale = tmp_path / "c" / ".images.u8.k1ll3d.tmp"
+    stale.write_bytes(bytes(1000))
+    cache = ImageCache(tmp_path / "c", paths, 24)
+    assert cache.rebuilt and np.array_equal(cache[0], load_uint8(paths[0], 24))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["build.lock", "images.u8", "index.json"]
+
+
 def test_undecodable_images_are_counted_skips_not_errors(tmp_path):
     paths = _files(tmp_path)
     truncate(paths[1], keep=0.3)

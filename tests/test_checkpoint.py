@@ -52,6 +52,24 @@ def test_two_writers_of_one_path_at_once_both_succeed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entities.pt"]
 
 
+def test_atomic_path_publishes_a_file_written_by_name_and_removes_it_on_failure(tmp_path):
+    # The image cache fills its data file through np.memmap, which needs a path rather than a file handle.
+    target = tmp_path / "images.u8"
+    with ck.atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and not target.exists()
+        mm = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(2, 3))
+        mm[:] = 7
+        mm.flush()
+        del mm
+    assert target.read_bytes() == bytes([7] * 6)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        with ck.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("decode failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images.u8"]
+    assert target.read_bytes() == bytes([7] * 6)
+
+
 def test_entity_embeddings_and_configs_are_written_through_the_atomic_writer(tmp_path, monkeypatch):
     from mlip_core import config as config_lib
     from mlip_core.model import mlip as mlip_lib

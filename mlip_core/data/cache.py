@@ -127,26 +127,30 @@ class ImageCache:
 
     def _build(self, num_workers: int, progress: bool) -> None:
         """Decode every image into a temporary memmap, then rename data and index into place."""
+        from mlip_core.checkpoint import atomic_path, atomic_write
+
         self.directory.mkdir(parents=True, exist_ok=True)
+        # The build lock is held: a temporary data file still here is from a build that was killed; drop it
+        # (where the lock is a no-op, another builder's open file refuses deletion and stays).
+        for stale in self.directory.glob(f".{DATA_NAME}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         n, s = len(self.paths), self.size
-        tmp_data = self.directory / (DATA_NAME + ".tmp")
         valid = np.zeros(n, dtype=bool)
         skips: list[list[str]] = []
-        # np.memmap cannot map an empty file; N == 0 writes an empty data file.
-        mm = np.memmap(tmp_data, dtype=np.uint8, mode="w+", shape=(n, s, s)) if n else None
-        jobs = [(p, s, self.resize_mode) for p in self.paths]
-        if num_workers > 0 and n > 1:
-            with ProcessPoolExecutor(max_workers=num_workers) as pool:
-                results = pool.map(_decode, jobs, chunksize=max(1, min(64, n // (4 * num_workers) or 1)))
-                self._collect(results, mm, valid, skips, progress)
-        else:
-            self._collect(map(_decode, jobs), mm, valid, skips, progress)
-        if mm is not None:
-            mm.flush()
-            del mm
-        else:
-            tmp_data.write_bytes(b"")
-        os.replace(tmp_data, self.directory / DATA_NAME)
+        with atomic_path(self.directory / DATA_NAME) as tmp_data:
+            # np.memmap cannot map an empty file; N == 0 keeps the empty temporary file.
+            mm = np.memmap(tmp_data, dtype=np.uint8, mode="w+", shape=(n, s, s)) if n else None
+            jobs = [(p, s, self.resize_mode) for p in self.paths]
+            if num_workers > 0 and n > 1:
+                with ProcessPoolExecutor(max_workers=num_workers) as pool:
+                    results = pool.map(_decode, jobs, chunksize=max(1, min(64, n // (4 * num_workers) or 1)))
+                    self._collect(results, mm, valid, skips, progress)
+            else:
+                self._collect(map(_decode, jobs), mm, valid, skips, progress)
+            if mm is not None:
+                mm.flush()
+                del mm
         index = {
             "key": self.key,
             "shape": [n, s, s],
@@ -157,9 +161,8 @@ class ImageCache:
             "skips": skips,
             "paths": self.paths,
         }
-        tmp_index = self.directory / (INDEX_NAME + ".tmp")
-        tmp_index.write_text(json.dumps(index))
-        os.replace(tmp_index, self.directory / INDEX_NAME)
+        # json.dumps (C encoder) then one write: json.dump into the file would encode 377k paths in Python.
+        atomic_write(self.directory / INDEX_NAME, lambda fh: fh.write(json.dumps(index)), "w")
 
     def _collect(self, results, mm, valid: np.ndarray, skips: list[list[str]], progress: bool) -> None:
         """Write decoded images into ``mm``; failures become skip entries."""

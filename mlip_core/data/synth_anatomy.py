@@ -160,10 +160,11 @@ def lung_templates() -> LungTemplates:
             pass  # a corrupt cache is rebuilt below
     t = _build(zip_path)
     if cached is not None:
-        tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez_compressed(tmp, lungs=t.lungs, aspect=t.aspect, rows=t.rows, hila=t.hila,
-                            names=np.asarray(t.names), skipped=t.skipped)
-        os.replace(tmp, cached)
+        from mlip_core.checkpoint import atomic_write
+
+        atomic_write(cached, lambda fh: np.savez_compressed(fh, lungs=t.lungs, aspect=t.aspect, rows=t.rows,
+                                                              hila=t.hila, names=np.asarray(t.names),
+                                                              skipped=t.skipped))
     return t
 
 

@@ -31,6 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
+from mlip_core.checkpoint import atomic_write
 from mlip_core.config import ImageTowerConfig
 from mlip_core.data.cache import ImageCache
 from mlip_core.data.downstream import CHEXPERT_5, ImageLabelDataset, holdout_split, label_fraction_splits, load_chexpert
@@ -258,10 +259,7 @@ def cached_features(encoder: Encoder, cache: ImageCache, feature_dir: Path | str
     t0 = time.perf_counter()
     feats = np.asarray(compute(), dtype=np.float32)
     seconds = time.perf_counter() - t0
-    feature_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)
+    atomic_write(path, lambda fh: np.save(fh, feats))
     return feats, seconds, True
 
 
