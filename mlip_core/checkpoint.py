@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic writes, `resume=auto`, safe loading, and every RNG the loop uses.
+"""Training checkpoints: atomic writes, `resume=auto`, safe loading, every RNG the loop uses, and the
+image-tower export that transfer reads.
 
 A checkpoint is one ``torch.save`` dict of plain containers and tensors so that it loads with
 ``torch.load(..., weights_only=True)`` (no pickled code runs when a file is opened):
@@ -12,12 +13,18 @@ a sub-module travels with it. Files live in ``RUN_DIR/checkpoints/``: ``step_000
 renamed over the target, so a crash (even SIGKILL) never leaves a half-written checkpoint under a real
 name; a file that is nevertheless corrupt (disk full, copied half-way) is named in a
 :class:`CheckpointError`, and :func:`find_resumable` falls back to the previous good one.
+
+The export (``RUN_DIR/export/image_tower.pt`` + ``image_tower.json``) is the pretrained image tower alone: a
+plain ``state_dict`` and the run's config, written by :func:`write_image_tower_export` and read by
+:func:`load_image_tower_export` (transfer code needs nothing of the trainer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import os
 import random
@@ -30,6 +37,7 @@ from typing import Any, Callable, IO, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -263,3 +271,99 @@ def save_step_checkpoint(
 def save_best_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike) -> Path:
     """Write ``best.pt`` atomically."""
     return atomic_torch_save({"format": FORMAT, **state}, Path(ckpt_dir) / "best.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model state in a checkpoint, and the image-tower export for transfer
+
+
+def _reconstructible(model: nn.Module) -> tuple[str, ...]:
+    fn = getattr(model, "reconstructible_prefixes", None)
+    return tuple(fn()) if callable(fn) else ()
+
+
+def _fingerprint(model: nn.Module, prefixes: tuple[str, ...]) -> str:
+    """sha1 of the names, shapes and bytes of the state-dict entries under ``prefixes`` ("" when none)."""
+    if not prefixes:
+        return ""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        if k.startswith(prefixes):
+            h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def omitted_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of what :func:`model_checkpoint_state` leaves out of ``model`` (compute it once when those
+    weights never change, and pass it back in)."""
+    return _fingerprint(model, _reconstructible(model))
+
+
+def model_checkpoint_state(model: nn.Module, fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                         dict[str, Any]]:
+    """The model's state dict without what its config rebuilds exactly (``model.reconstructible_prefixes()``,
+    e.g. a frozen MiniLM), and the record ``{"prefixes", "fingerprint"}`` that :func:`load_model_checkpoint_state`
+    checks so that a checkpoint never meets other frozen weights than the ones it was trained with."""
+    prefixes = _reconstructible(model)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)} if prefixes \
+        else model.state_dict()
+    fp = fingerprint if fingerprint is not None else omitted_fingerprint(model)
+    return state, {"prefixes": list(prefixes), "fingerprint": fp}
+
+
+def load_model_checkpoint_state(model: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Load ``checkpoint["model"]`` into ``model`` (built from the run's config, pretrained weights included).
+
+    Entries the checkpoint left out (``checkpoint["omitted"]``) keep the model's own weights after their
+    fingerprint is checked; everything else loads strictly. Checkpoints without ``omitted`` hold every entry."""
+    omitted = checkpoint.get("omitted") or {"prefixes": [], "fingerprint": ""}
+    prefixes = tuple(omitted.get("prefixes", []))
+    if not prefixes:
+        model.load_state_dict(checkpoint["model"])
+        return
+    if _fingerprint(model, prefixes) != omitted.get("fingerprint"):
+        raise CheckpointError(
+            f"the checkpoint leaves out {', '.join(prefixes)} (frozen pretrained weights the config rebuilds), but "
+            "the weights this model loaded differ from the ones it was trained with (another text-tower package "
+            "or version?): install the version the run used, or start a new run")
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    missing = [k for k in missing if not k.startswith(prefixes)]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def write_image_tower_export(state: dict[str, torch.Tensor], config: dict[str, Any], step: int, out: Path) -> Path:
+    """Write ``image_tower.pt`` (state_dict) and ``image_tower.json`` (the config, step, code version) into ``out``."""
+    path = atomic_torch_save(state, out / "image_tower.pt")
+    meta = {"image": config.get("model", {}).get("image", {}), "config": config, "step": step,
+            "code_version": code_version(), "state_dict": path.name}
+    atomic_write(out / "image_tower.json", lambda fh: fh.write(json.dumps(meta, indent=2)), "w")
+    return path
+
+
+def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Export the image tower of a training checkpoint (e.g. ``best.pt``) as
+    :meth:`mlip_core.train.Trainer.export_image_tower` does at the end of a run."""
+    ckpt = load_checkpoint(checkpoint)
+    prefix = "image_tower."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint {checkpoint} has no image_tower.* weights; is it an MLIP run?")
+    return write_image_tower_export(state, ckpt["config"], ckpt["step"], Path(out))
+
+
+def load_image_tower_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an export (``image_tower.pt`` or its folder/run folder): ``(state_dict, metadata)``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "image_tower.pt" if (path / "image_tower.pt").exists() else path / "export" / "image_tower.pt"
+    meta_path = path.with_suffix(".json")
+    if not path.exists() or not meta_path.exists():
+        raise FileNotFoundError(f"{path}: no exported image tower (expected image_tower.pt + image_tower.json); "
+                                "run mlip_core.train to the end, or call Trainer.export_image_tower()")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated ({exc}); re-export it from a checkpoint") from exc
+    return state, json.loads(meta_path.read_text())

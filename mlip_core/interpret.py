@@ -323,14 +323,13 @@ def load_run_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu
     """The whole model of a training run (``config.yaml`` + its newest step checkpoint), in eval mode, and its
     tokenizer. The image tower is built without its initial weights (the checkpoint holds them); a frozen
     pretrained text tower that the checkpoint left out is rebuilt from the config and checked by
-    :func:`mlip_core.train.load_model_checkpoint_state`; the knowledge-entity embeddings come from the checkpoint,
+    :func:`mlip_core.checkpoint.load_model_checkpoint_state`; the knowledge-entity embeddings come from the checkpoint,
     so nothing is downloaded or re-encoded."""
-    from mlip_core.checkpoint import find_resumable
+    from mlip_core.checkpoint import find_resumable, load_model_checkpoint_state
     from mlip_core.config import load_config
     from mlip_core.knowledge.graph import KnowledgeGraph
     from mlip_core.model.encoders import build_tokenizer
     from mlip_core.model.mlip import MLIP
-    from mlip_core.train import load_model_checkpoint_state
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")

@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -54,13 +53,17 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from mlip_core import checkpoint as ckpt_lib
+from mlip_core.checkpoint import (
+    load_model_checkpoint_state,
+    model_checkpoint_state,
+    omitted_fingerprint,
+    write_image_tower_export,
+)
+from mlip_core.metrics import retrieval_recall
+from mlip_core.optim import build_optimizer
 from mlip_core.repro import seed_everything
 
 log = logging.getLogger(__name__)
-
-# Parameter names (substrings) that never get weight decay, beyond every 0-/1-d tensor (biases, norms).
-NO_DECAY_NAME_PARTS = ("logit_scale", "temperature", "prototype", "bias", "norm", "position_embedding")
-TOWER_PREFIXES = ("image_tower", "text_tower")  # MLIP's tower modules (the momentum copies are frozen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,66 +104,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 tower_lr_scale: float = 1.0) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices/kernels; none on biases, norms, temperatures, prototypes.
-
-    Frozen parameters (``requires_grad=False``, e.g. the divergence encoder) are left out. With
-    ``tower_lr_scale != 1`` the parameters of the two towers (``image_tower.*``, ``text_tower.*``) get their
-    own groups at ``lr * tower_lr_scale``: pretrained towers learn slower than the freshly initialised heads.
-    """
-    split = tower_lr_scale != 1.0
-    buckets: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "tower_decay": [], "tower_no_decay": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lname = name.lower()
-        key = "no_decay" if p.ndim <= 1 or any(part in lname for part in NO_DECAY_NAME_PARTS) else "decay"
-        if split and name.split(".")[0] in TOWER_PREFIXES:
-            key = "tower_" + key
-        buckets[key].append(p)
-    groups = []
-    for key, params in buckets.items():
-        group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay,
-                                 "name": key}
-        if lr is not None:
-            group["lr"] = lr * (tower_lr_scale if key.startswith("tower_") else 1.0)
-        groups.append(group)
-    return [g for g in groups if g["params"]]
-
-
-def cosine_lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Multiplier of the base lr at ``step``: linear warm-up from 0 then cosine to ``min_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class _CosineFactor:
-    """A picklable lr-lambda (LambdaLR stores callables' ``__dict__`` only when they are objects)."""
-
-    def __init__(self, total_steps: int, warmup_steps: int, min_ratio: float) -> None:
-        self.total_steps, self.warmup_steps, self.min_ratio = total_steps, warmup_steps, min_ratio
-
-    def __call__(self, step: int) -> float:
-        return cosine_lr_factor(step, self.total_steps, self.warmup_steps, self.min_ratio)
-
-
-def build_optimizer(model: nn.Module, tc: Any, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over :func:`param_groups` and a warm-up + cosine ``LambdaLR`` stepped once per optimizer step."""
-    groups = param_groups(model, tc.weight_decay, tc.lr, tc.tower_lr_scale)
-    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
-    warmup = tc.warmup_steps if tc.warmup_steps > 0 else int(round(tc.warmup_ratio * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _CosineFactor(total_steps, warmup, tc.min_lr_ratio))
-    return opt, sched
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,37 +195,6 @@ class SeededCollate:
         study = torch.tensor([int(it.get("study_id", k[1])) for it, k in zip(items, keys)], dtype=torch.long)
         batch["_meta"] = {"index": index, "study_id": study}
         return batch
-
-
-# ----------------------------------------------------------------------------------------------
-# Retrieval metrics
-
-
-@torch.no_grad()
-def retrieval_recall(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, group: torch.Tensor | None = None,
-    ks: Sequence[int] = (1, 5, 10),
-) -> dict[str, float]:
-    """Image->text and text->image recall@K for paired rows of (N,D) embeddings.
-
-    A hit is any candidate in the query's ``group`` (N,) (e.g. the study: several images share one report);
-    without groups only the paired row counts. Returns ``{"i2t_R@1": ..., "t2i_R@1": ..., "recall_mean": ...}``
-    in percent.
-    """
-    n = image_emb.shape[0]
-    if group is None:
-        group = torch.arange(n)
-    sim = image_emb.float() @ text_emb.float().T  # (N, N)
-    same = group.view(-1, 1) == group.view(1, -1)  # (N, N) hit mask
-    out: dict[str, float] = {}
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        order = s.argsort(dim=1, descending=True)  # (N, N) candidates by rank
-        hits = torch.gather(same, 1, order)  # (N, N) is the r-th candidate a hit
-        first = hits.float().argmax(dim=1)  # rank of the first hit (every row has one: itself)
-        for k in ks:
-            out[f"{name}_R@{k}"] = 100.0 * (first < k).float().mean().item()
-    out["recall_mean"] = float(np.mean([out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks]))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,7 +405,7 @@ class Trainer:
         self.best_value: float | None = None
         self.ckpt_dir = self.run_dir / "checkpoints"
         # Frozen pretrained weights never change: fingerprinted once, left out of every checkpoint.
-        self._omitted_fingerprint = _fingerprint(self.module, _reconstructible(self.module))
+        self._omitted_fingerprint = omitted_fingerprint(self.module)
         self.metrics = MetricsLog(self.run_dir, self.dist.is_main, tc.tensorboard)
         self.resumed_from: Path | None = None
         self.last_checkpoint: Path | None = None
@@ -834,93 +746,6 @@ class Trainer:
         state = {k: v.detach().cpu().clone() for k, v in self.module.image_tower.state_dict().items()}
         return write_image_tower_export(state, config_to_dict(self.config), self.step,
                                         Path(out) if out is not None else self.run_dir / "export")
-
-
-def _reconstructible(model: nn.Module) -> tuple[str, ...]:
-    fn = getattr(model, "reconstructible_prefixes", None)
-    return tuple(fn()) if callable(fn) else ()
-
-
-def _fingerprint(model: nn.Module, prefixes: tuple[str, ...]) -> str:
-    """sha1 of the names, shapes and bytes of the state-dict entries under ``prefixes`` ("" when none)."""
-    import hashlib
-
-    if not prefixes:
-        return ""
-    h = hashlib.sha1()
-    for k, v in model.state_dict().items():
-        if k.startswith(prefixes):
-            h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_checkpoint_state(model: nn.Module, fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor],
-                                                                                         dict[str, Any]]:
-    """The model's state dict without what its config rebuilds exactly (``model.reconstructible_prefixes()``,
-    e.g. a frozen MiniLM), and the record ``{"prefixes", "fingerprint"}`` that :func:`load_model_checkpoint_state`
-    checks so that a checkpoint never meets other frozen weights than the ones it was trained with."""
-    prefixes = _reconstructible(model)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)} if prefixes \
-        else model.state_dict()
-    fp = fingerprint if fingerprint is not None else _fingerprint(model, prefixes)
-    return state, {"prefixes": list(prefixes), "fingerprint": fp}
-
-
-def load_model_checkpoint_state(model: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Load ``checkpoint["model"]`` into ``model`` (built from the run's config, pretrained weights included).
-
-    Entries the checkpoint left out (``checkpoint["omitted"]``) keep the model's own weights after their
-    fingerprint is checked; everything else loads strictly. Checkpoints without ``omitted`` hold every entry."""
-    omitted = checkpoint.get("omitted") or {"prefixes": [], "fingerprint": ""}
-    prefixes = tuple(omitted.get("prefixes", []))
-    if not prefixes:
-        model.load_state_dict(checkpoint["model"])
-        return
-    if _fingerprint(model, prefixes) != omitted.get("fingerprint"):
-        raise ckpt_lib.CheckpointError(
-            f"the checkpoint leaves out {', '.join(prefixes)} (frozen pretrained weights the config rebuilds), but "
-            "the weights this model loaded differ from the ones it was trained with (another text-tower package "
-            "or version?): install the version the run used, or start a new run")
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    missing = [k for k in missing if not k.startswith(prefixes)]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
-def write_image_tower_export(state: dict[str, torch.Tensor], config: dict[str, Any], step: int, out: Path) -> Path:
-    """Write ``image_tower.pt`` (state_dict) and ``image_tower.json`` (the config, step, code version) into ``out``."""
-    path = ckpt_lib.atomic_torch_save(state, out / "image_tower.pt")
-    meta = {"image": config.get("model", {}).get("image", {}), "config": config, "step": step,
-            "code_version": ckpt_lib.code_version(), "state_dict": path.name}
-    ckpt_lib.atomic_write(out / "image_tower.json", lambda fh: fh.write(json.dumps(meta, indent=2)), "w")
-    return path
-
-
-def export_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Export the image tower of a training checkpoint (e.g. ``best.pt``) like :meth:`Trainer.export_image_tower`."""
-    ckpt = ckpt_lib.load_checkpoint(checkpoint)
-    prefix = "image_tower."
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    if not state:
-        raise ckpt_lib.CheckpointError(f"checkpoint {checkpoint} has no image_tower.* weights; is it an MLIP run?")
-    return write_image_tower_export(state, ckpt["config"], ckpt["step"], Path(out))
-
-
-def load_image_tower_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read an export (``image_tower.pt`` or its folder/run folder): ``(state_dict, metadata)``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "image_tower.pt" if (path / "image_tower.pt").exists() else path / "export" / "image_tower.pt"
-    meta_path = path.with_suffix(".json")
-    if not path.exists() or not meta_path.exists():
-        raise FileNotFoundError(f"{path}: no exported image tower (expected image_tower.pt + image_tower.json); "
-                                "run mlip_core.train to the end, or call Trainer.export_image_tower()")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ckpt_lib.CheckpointError(f"{path} is corrupt or truncated ({exc}); re-export it from a checkpoint") from exc
-    return state, json.loads(meta_path.read_text())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,11 +75,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
+from mlip_core.checkpoint import load_image_tower_export
 from mlip_core.config import pretrain_config
 from mlip_core.data.mimic import load_mimic_pairs
 from mlip_core.notebook import setup
 from mlip_core.paths import workspace
-from mlip_core.train import load_image_tower_export, run_folder, train
+from mlip_core.train import run_folder, train
 
 device = setup(seed, deterministic=deterministic)
 print(f"device: {device}")
@@ -227,7 +228,7 @@ final.round(1)
 
 # %%
 from mlip_core.knowledge.graph import CHEXPERT_14  # noqa: E402
-from mlip_core.train import retrieval_recall  # noqa: E402
+from mlip_core.metrics import retrieval_recall  # noqa: E402
 
 val_pairs, _ = load_mimic_pairs(world, split="validate")
 label_sets = torch.tensor((val_pairs[CHEXPERT_14].to_numpy() == 1).astype("float32"))
@@ -300,7 +301,7 @@ speed.round(1)
 
 # %%
 from mlip_core.model.encoders import ImageTower  # noqa: E402
-from mlip_core.train import write_image_tower_export  # noqa: E402
+from mlip_core.checkpoint import write_image_tower_export  # noqa: E402
 
 for name, res in results.items():
     state, meta = load_image_tower_export(res.export_path)

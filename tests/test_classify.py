@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mlip_core.checkpoint import write_image_tower_export
 from mlip_core.config import ImageTowerConfig
 from mlip_core.data.downstream import ImageLabelDataset
 from mlip_core.data.synth import write_world
 from mlip_core.model.encoders import ImageTower
-from mlip_core.train import write_image_tower_export
 from mlip_core.transfer.classify import (
     ClassificationTask,
     Encoder,

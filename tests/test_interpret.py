@@ -210,12 +210,11 @@ def test_result_rows_and_versus():
 
 
 def test_load_run_model_rebuilds_a_run_whose_checkpoint_left_out_the_frozen_text_tower(tmp_path):
-    from mlip_core.checkpoint import save_step_checkpoint
+    from mlip_core.checkpoint import model_checkpoint_state, save_step_checkpoint
     from mlip_core.config import config_to_dict, pretrain_config, save_config
     from mlip_core.interpret import load_run_model
     from mlip_core.knowledge.graph import KnowledgeGraph
     from mlip_core.model.mlip import MLIP
-    from mlip_core.train import model_checkpoint_state
 
     cfg = pretrain_config("mlip", image_tower="resnet18", image_pretrained="", image_size=32, text_tower="minilm",
                           text_allow_download=False, max_length=16, freeze_text_layers=6)

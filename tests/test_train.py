@@ -16,16 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlip_core.checkpoint import export_from_checkpoint, load_image_tower_export
 from mlip_core.config import TrainConfig
-from mlip_core.train import (
-    ResumableSampler,
-    build_optimizer,
-    cosine_lr_factor,
-    load_image_tower_export,
-    param_groups,
-    read_metrics,
-    retrieval_recall,
-)
+from mlip_core.metrics import retrieval_recall
+from mlip_core.optim import build_optimizer, cosine_lr_factor, param_groups
+from mlip_core.train import ResumableSampler, read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_clip import ToyCLIP  # noqa: E402
@@ -157,7 +152,7 @@ def test_metrics_jsonl_logs_each_term_lr_throughput_memory_and_validation(tmp_pa
     assert result.best_checkpoint_path is not None and result.best_checkpoint_path.exists()
 
 
-def test_exported_image_tower_loads_into_a_fresh_tower(tmp_path):
+def test_exported_image_tower_loads_into_a_fresh_tower_and_equals_its_checkpoints_export(tmp_path):
     result = run(str(tmp_path), max_steps=3)
     state, meta = load_image_tower_export(tmp_path)
     fresh = ToyCLIP().image_tower
@@ -166,6 +161,10 @@ def test_exported_image_tower_loads_into_a_fresh_tower(tmp_path):
     assert torch.equal(fresh[0].weight, trained["image_tower.0.weight"])
     assert meta["step"] == 3 and meta["config"]["train"]["max_steps"] == 3
     assert result.export_path == tmp_path / "export" / "image_tower.pt"
+    again, again_meta = load_image_tower_export(export_from_checkpoint(tmp_path / "checkpoints" / "step_00000003.pt",
+                                                                       tmp_path / "again"))
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+    assert again_meta["step"] == 3 and again_meta["config"] == meta["config"]
 
 
 def test_torchrun_two_gloo_processes_agree_with_single_process(tmp_path):

@@ -14,9 +14,9 @@ from dataclasses import asdict
 import pytest
 from dataset_fixtures import make_chexpert_tree, make_covidx_tree
 
+from mlip_core.checkpoint import write_image_tower_export
 from mlip_core.config import ImageTowerConfig
 from mlip_core.paths import WORKSPACE_ENV
-from mlip_core.train import write_image_tower_export
 import mlip_core.transfer.__main__ as cli
 from mlip_core.transfer import Encoder, build_tower
 from mlip_core.transfer.__main__ import main
@@ -125,10 +125,9 @@ def tiny_run(tmp_path_factory):
     config with a random ResNet-18 at 32 px and the tiny random BERT (as tests/test_zeroshot.py builds it)."""
     import torch
 
-    from mlip_core.checkpoint import save_step_checkpoint
+    from mlip_core.checkpoint import model_checkpoint_state, save_step_checkpoint
     from mlip_core.config import config_to_dict, pretrain_config, save_config
     from mlip_core.model.mlip import MLIP
-    from mlip_core.train import model_checkpoint_state
 
     cfg = pretrain_config("convirt", image_tower="resnet18", image_pretrained="", image_size=32, text_tower="tiny",
                           max_length=16, seed=3)

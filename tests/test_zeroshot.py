@@ -168,10 +168,9 @@ def test_multiclass_zero_shot_picks_the_class_whose_prompts_the_image_matches():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A ConVIRT-config run (ResNet-18 at 32 px, the tiny random BERT) saved as the trainer saves one."""
-    from mlip_core.checkpoint import save_step_checkpoint
+    from mlip_core.checkpoint import model_checkpoint_state, save_step_checkpoint
     from mlip_core.config import config_to_dict, pretrain_config, save_config
     from mlip_core.model.mlip import MLIP
-    from mlip_core.train import model_checkpoint_state
 
     cfg = pretrain_config("convirt", image_tower="resnet18", image_pretrained="", image_size=32, text_tower="tiny",
                           max_length=16, seed=3)

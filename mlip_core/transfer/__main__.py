@@ -138,7 +138,7 @@ def resolve_encoder(spec: str, arch: str, image_size: int | None):
         if not export.is_file():
             raise UsageError(f"{path} is a run folder without export/image_tower.pt (the run has not finished); run "
                              "mlip_core.train to the end, or export a checkpoint with "
-                             "mlip_core.train.export_from_checkpoint")
+                             "mlip_core.checkpoint.export_from_checkpoint")
     else:
         export = path / "image_tower.pt" if path.is_dir() else path
     if not export.is_file() or not export.with_suffix(".json").is_file():

@@ -10,7 +10,7 @@ is inside the 10% set, inside 100%).
 
 Encoders are described by :class:`Encoder`: raw 32x32 pixels (the floor every learned encoder must beat), a
 randomly initialised tower, ImageNet EfficientNet-lite0, or a tower exported by pretraining
-(``image_tower.pt`` + ``.json``, :func:`mlip_core.train.load_image_tower_export`).
+(``image_tower.pt`` + ``.json``, :func:`mlip_core.checkpoint.load_image_tower_export`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
-from mlip_core.checkpoint import atomic_write
+from mlip_core.checkpoint import atomic_write, load_image_tower_export
 from mlip_core.config import ImageTowerConfig
 from mlip_core.data.cache import ImageCache
 from mlip_core.data.downstream import CHEXPERT_5, ImageLabelDataset, holdout_split, label_fraction_splits, load_chexpert
@@ -185,7 +185,8 @@ def encoder_from_export(name: str, path: Path | str) -> Encoder:
         path = path / "image_tower.pt"
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: export metadata missing; re-export with mlip_core.train.write_image_tower_export")
+        raise FileNotFoundError(f"{meta_path}: export metadata missing; re-export with "
+                                "mlip_core.checkpoint.write_image_tower_export")
     image = dict(json.loads(meta_path.read_text()).get("image") or {})
     if "name" not in image:
         raise ValueError(f"{meta_path}: no 'image' tower config in the metadata; re-export it with this version")
@@ -204,15 +205,13 @@ def build_tower(encoder: Encoder) -> ImageTower:
         torch.manual_seed(encoder.seed)
         tower = ImageTower(cfg)
     if encoder.state_path:
-        from mlip_core.train import load_image_tower_export
-
         state, _ = load_image_tower_export(encoder.state_path)
         try:
             tower.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise RuntimeError(f"{encoder.state_path}: the weights do not fit a {cfg.name} tower ({exc}); "
                                "is the .json beside it from the same export? Re-export both from one "
-                               "checkpoint with mlip_core.train.export_from_checkpoint") from exc
+                               "checkpoint with mlip_core.checkpoint.export_from_checkpoint") from exc
     return tower.eval()
 
 

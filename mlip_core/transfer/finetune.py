@@ -12,7 +12,7 @@ Protocol here
 The image tower of an :class:`~mlip_core.transfer.classify.Encoder` (exported pretraining weights, ImageNet or
 random init; a pretraining-time ``frozen_stages`` is undone, every weight trains) gets a fresh linear layer on its
 global feature vector. Tower and head train together with AdamW (decay on weight matrices only, as the
-pretraining trainer's :func:`~mlip_core.train.param_groups`) and a linear warm-up + cosine schedule, for a fixed
+pretraining trainer's :func:`~mlip_core.optim.param_groups`) and a linear warm-up + cosine schedule, for a fixed
 number of steps on the labelled training subset of one (fraction, seed) of :func:`fraction_masks`, with the
 augmenting :func:`~mlip_core.data.transforms.train_transform` (random resized crop, small affine,
 brightness/contrast; no flip). Multi-label tasks use binary cross-entropy with logits, masked where a label is NaN
@@ -86,6 +86,7 @@ from mlip_core.data.cache import ImageCache
 from mlip_core.data.downstream import COVIDX_2, COVIDX_3, holdout_split, load_covidx
 from mlip_core.data.skips import SkipReport
 from mlip_core.data.transforms import eval_transform, train_transform
+from mlip_core.optim import cosine_lr_factor, param_groups
 from mlip_core.transfer.classify import (
     ClassificationTask,
     Encoder,
@@ -399,8 +400,6 @@ def finetune(encoder: Encoder, images: ImageCache | np.ndarray, task: Classifica
     # Every weight trains: a pretraining-time frozen_stages does not carry over to fine-tuning.
     tower_cfg = {**(encoder.tower or {}), "frozen_stages": 0}
     tower = build_tower(dataclasses.replace(encoder, tower=tower_cfg))
-
-    from mlip_core.train import cosine_lr_factor, param_groups
 
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -826,9 +826,9 @@ def _(tmp: Path) -> str:
 def _export(out: Path, state_filter=None) -> Path:
     from dataclasses import asdict
 
+    from mlip_core.checkpoint import write_image_tower_export
     from mlip_core.config import ImageTowerConfig
     from mlip_core.model.encoders import ImageTower
-    from mlip_core.train import write_image_tower_export
 
     cfg = ImageTowerConfig(name="resnet18", image_size=32)
     state = {k: v for k, v in ImageTower(cfg).state_dict().items() if state_filter is None or state_filter(k)}
