@@ -69,7 +69,6 @@ deterministic = True
 
 # %%
 import math
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd

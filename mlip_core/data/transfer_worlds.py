@@ -96,7 +96,7 @@ from mlip_core.data.synth_findings import DEVICE_KINDS, FINDING_TO_CHEXPERT, Fin
 from mlip_core.data.synth_render import Patient, Rendered, render, sample_patient, sample_scene
 
 __all__ = ["TRANSFER_PRIOR", "TRANSFER_TASKS", "TransferWorldSummary", "write_transfer_world", "ensure_transfer_world",
-           "remove_transfer_world", "transfer_world_parameters", "rerender", "world_paths", "main",
+           "remove_transfer_world", "transfer_world_parameters", "rerender", "main",
            "MANIFEST_NAME", "SPLIT_FILE", "COMPETITION_FINDINGS"]
 
 # Findings of the CheXpert-layout world (rendered apart from the pretraining world, as CheXpert is apart from
@@ -563,12 +563,6 @@ def _parameters(task: str, num_images: int, seed: int, image_size: int, min_test
             "image_size": int(image_size),
             "min_test_positives": int(min_test_positives) if task in ("chexpert", "covidx") else None,
             "test_fraction": None if test_fraction is None else float(test_fraction)}
-
-
-def world_paths(task: str) -> tuple[str, ...]:
-    """The names a ``task`` world creates directly under its folder (files and folders)."""
-    _check_task(task)
-    return _WORLD_PATHS[task]
 
 
 def _holds_files(folder: Path) -> bool:

@@ -16,7 +16,6 @@ only accepts the exception types a component documents.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import io
 import re
