@@ -32,7 +32,7 @@
 image_tower = "resnet18"  # timm name; single-channel input
 image_size = 128
 text_tower = "minilm"  # minilm (MiniLM-L6 shipped offline), tiny (small random BERT) or a Hub name
-allow_download = False  # only the full profile lets a Hub text tower download
+text_allow_download = False  # only the full profile lets a Hub text tower download
 batch_size = 8
 landscape_batch = 48  # samples in the aligned-vs-shuffled sweep
 landscape_steps = 6  # shuffled fractions between 0 and 1
@@ -102,7 +102,7 @@ pd.DataFrame(rows).set_index("config")
 # %%
 cfg = named_config("mlip")
 cfg.model.image = ImageTowerConfig(name=image_tower, image_size=image_size)
-cfg.model.text = TextTowerConfig(name=text_tower, max_length=64, allow_download=allow_download)
+cfg.model.text = TextTowerConfig(name=text_tower, max_length=64, allow_download=text_allow_download)
 tokenizer = build_tokenizer(cfg.model.text)
 extractor = KnowledgeExtractor()
 graph = extractor.graph
