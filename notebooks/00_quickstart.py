@@ -14,14 +14,27 @@
 # %% [markdown]
 # # Quickstart: the environment and one idea
 #
-# This chapter checks that the book's machinery works on your machine — the `mlip_core` package
+# **What you will learn.** This chapter checks that the book's machinery works on your machine — the `mlip_core` package
 # imports, PyTorch sees the device you expect, figures render — and introduces the one number that
 # every contrastive method in this book turns on: the **temperature** of the softmax over
 # image–report similarities.
 #
-# Every chapter starts the same way: a `parameters` cell (Papermill replaces it when the book is
-# executed with a profile; see the README), then a header that seeds every random generator and
-# picks the device.
+# Every chapter starts the same way: what you will learn, what it needs from earlier chapters and how
+# long it takes; then a `parameters` cell (Papermill replaces it when the book is executed with a
+# profile; see the README), then a header that seeds every random generator and picks the device.
+#
+# **What it needs.** Nothing but the installed project; no data.
+#
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("00_quickstart"))
 
 # %% tags=["parameters"]
 num_points = 512  # how many candidate reports one image is compared with

@@ -31,6 +31,23 @@
 # - **The layout is MIMIC-CXR-JPG.** The world is written exactly as MIMIC-CXR-JPG 2.0.0 is laid out on
 #   disk, so the chapters that follow read it with the *real* MIMIC reader. Swap the folder for a real
 #   MIMIC download and nothing else changes.
+#
+# **What you will learn.** How the stand-in for MIMIC-CXR is made, what its reports, images and labels look
+# like, and where it differs from the real dataset.
+#
+# **What it needs.** Nothing from earlier chapters: the reports come from the installed `torchxrayvision`
+# package. Every later chapter that trains or probes reads the world this chapter writes.
+#
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("01_offline_world"))
 
 # %% tags=["parameters"]
 num_studies = 2500  # studies (one report + one frontal image each) to write

@@ -32,6 +32,23 @@
 # (`KnowledgeGraph.from_umls`). This chapter shows the graph, the extractor that finds its entities in
 # report text, and — the important part — **how well the extractor agrees with human annotators** on
 # the 3,955 real Indiana University reports.
+#
+# **What you will learn.** What the knowledge graph holds, how the extractor finds its entities (and their
+# negation and uncertainty) in report text, and how well its labels agree with human annotators.
+#
+# **What it needs.** Nothing from earlier chapters: the knowledge base ships with `mlip_core`, the
+# reports with `torchxrayvision`.
+#
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("02_knowledge_graph"))
 
 # %% tags=["parameters"]
 seed = 0

@@ -32,6 +32,23 @@
 # python -m mlip_core.data.check --dataset mimic --root /data/mimic-cxr-jpg/2.0.0
 # python -m mlip_core.data.check --dataset siim --root /data/siim-acr
 # ```
+#
+# **What you will learn.** How each real dataset's files are read, what happens to bad input, and how the
+# image cache saves decoding time.
+#
+# **What it needs.** Nothing from earlier chapters: the radiograph ships with `pydicom-data`, and the small
+# MIMIC-layout world it reads is written here.
+#
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("03_real_datasets"))
 
 # %% tags=["parameters"]
 num_studies = 48  # studies in the small world this chapter writes

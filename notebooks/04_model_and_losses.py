@@ -27,6 +27,23 @@
 # MGCA's token-level loss with knowledge-fused tokens, SwAV/MGCA prototypes initialised from knowledge
 # embeddings plus a supervised contrastive term, ALBEF's hard-negative ITM — are *our* reading of
 # those parts, chosen to be faithful and checkable; the tests in `tests/test_losses.py` pin each one.
+#
+# **What you will learn.** What each tower returns, which heads sit on top, what each loss term rewards and
+# how its value moves, and how the baselines are configurations of the same code.
+#
+# **What it needs.** Nothing from earlier chapters: the batch shown here is made up on the spot, so the
+# shapes and losses can be read without any data.
+#
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("04_model_and_losses"))
 
 # %% tags=["parameters"]
 image_tower = "resnet18"  # timm name; single-channel input

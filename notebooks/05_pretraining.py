@@ -23,7 +23,7 @@
 #   knowledge guard on negatives, token–knowledge–patch alignment, the knowledge-initialised
 #   prototypes and the two proxy tasks (image–text matching and text swapping).
 #
-# What you will see: the training loss of every term, step by step; how well each model retrieves the
+# **What you will learn.** The training loss of every term, step by step; how well each model retrieves the
 # right report for a held-out image (and the right image for a report); and the exported image tower
 # that the ablation and transfer chapters probe.
 #
@@ -44,6 +44,20 @@
 # python -m mlip_core.train --config mlip --data /data/mimic-cxr-jpg --out runs/mlip --resume auto
 # torchrun --standalone --nproc_per_node 8 -m mlip_core.train --config mlip --data ... --out ... --precision bf16
 # ```
+#
+# **What it needs.** The offline world of chapter `01_offline_world` (its reports, images and the
+# labeler's `mimic-cxr-2.0.0-chexpert.csv`).
+#
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("05_pretraining"))
 
 # %% tags=["parameters"]
 configs = "convirt,mlip"  # comma-separated named configs (see mlip_core.config.named_config)

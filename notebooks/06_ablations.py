@@ -25,13 +25,22 @@
 # **What it needs.** The offline world of chapter `01_offline_world` (and nothing else: each row is trained
 # here; the run folders are named by a hash of the whole configuration, so a re-run reads finished runs back).
 #
-# **How long it takes.** The runner prints each chapter's time; with the `ci` profile on two CPU cores this
-# chapter is the longest of the book (33 short pretraining runs and 35 encoders probed). The `smoke` profile
-# runs it in about a minute on a tiny world; the `gpu` and `full` profiles scale the same grid up.
-#
 # **How to read it.** Each row is repeated with three seeds (the seed changes the initial heads, the data order
 # and the augmentation). A difference between two rows means something only when it is larger than the seeds'
 # spread; the tables below say, for every comparison, whether it is.
+#
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+# This chapter is the longest of the book: it trains the whole grid (every row, three seeds) and probes every
+# tower.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("06_ablations"))
 
 # %% tags=["parameters"]
 configs = "convirt,gloria,mgca,mlip,mlip_no_divergence,mlip_no_knowledge_negatives,mlip_no_local,mlip_no_knowledge_fusion,mlip_no_category,mlip_no_itm,mlip_no_swap"

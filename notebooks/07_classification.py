@@ -23,9 +23,6 @@
 # MLIP, three pretraining seeds each) and its CheXpert-layout transfer world. The COVIDx-layout world is
 # rendered here. With `chexpert_root` / `covidx_root` set, the real datasets replace the offline worlds.
 #
-# **How long it takes.** The runner prints each chapter's time; with the `ci` profile on two CPU cores this
-# chapter takes a few minutes (fine-tuning is most of it; the probes reuse the features chapter 06 cached).
-#
 # Every row is compared with the same images, splits and protocol:
 #
 # - **raw pixels, 32×32** — the image shrunk to a thumbnail and flattened, no learning at all: the *floor*;
@@ -34,6 +31,18 @@
 #   pretraining added on top of natural-image features;
 # - **ConVIRT, GLoRIA, MGCA, MLIP** — the grid's towers, one per pretraining seed: the spread over seeds is the
 #   spread every difference is read against.
+#
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+# Fine-tuning is most of it; the probes reuse the features chapter 06 cached.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("07_classification"))
 
 # %% tags=["parameters"]
 methods = "convirt,gloria,mgca,mlip"  # the grid's configurations compared here

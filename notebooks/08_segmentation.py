@@ -23,9 +23,18 @@
 # **What it needs.** The towers of chapter `06_ablations` (four methods, three pretraining seeds). The
 # SIIM-layout world is rendered here. With `siim_root` set, the real SIIM-ACR folder replaces it.
 #
-# **How long it takes.** The runner prints each chapter's time; with the `ci` profile a few minutes on two CPU
-# cores: the encoder is frozen (as in MGCA), so each tower's feature maps are computed once and only the
-# decoder trains for each label fraction.
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+# The encoder is frozen (as in MGCA), so each tower's feature maps are computed once and only the decoder
+# trains for each label fraction.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("08_segmentation"))
 
 # %% tags=["parameters"]
 methods = "convirt,gloria,mgca,mlip"  # the grid's configurations compared here

@@ -22,9 +22,18 @@
 # **What it needs.** The towers of chapter `06_ablations`. The RSNA-layout world is rendered here (with
 # `rsna_root` set, the real RSNA Pneumonia folder replaces it).
 #
-# **How long it takes.** The runner prints each chapter's time; with the `ci` profile a few minutes on two CPU
-# cores: the backbone is frozen (as in MGCA), its feature maps computed once per tower, and only the pyramid and
-# the heads train.
+# **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
+# records every chapter's wall time with each profile it executes, on the machine it ran on.
+# The backbone is frozen (as in MGCA), its feature maps computed once per tower, and only the pyramid and the
+# heads train.
+
+
+# %% tags=["remove-input"]
+from IPython.display import Markdown
+
+from mlip_core.book import chapter_times
+
+Markdown(chapter_times("09_detection"))
 
 # %% tags=["parameters"]
 methods = "convirt,gloria,mgca,mlip"  # the grid's configurations compared here

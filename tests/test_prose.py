@@ -63,3 +63,16 @@ def test_the_detector_catches_typed_measurements_and_lets_design_facts_pass():
     assert not NEAR.search("split 80/10/10 into train/validate/test by patient")
     assert not NEAR.search("a patient has 1.5 studies on average")
     assert SOURCE.search("MGCA reports 0.89 AUROC (Wang et al., 2022)")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_each_chapter_opens_with_what_it_teaches_needs_and_costs(name):
+    """The opening says what you will learn, what the chapter needs and how long it takes, and the cell right
+    after it shows the runner's measured times (not a typed duration)."""
+    cells = read(repo_root() / "notebooks" / f"{name}.py").cells
+    opening, times = cells[0], cells[1]
+    assert opening.cell_type == "markdown"
+    for label in ("**What you will learn.**", "**What it needs.**", "**How long it takes.**"):
+        assert label in opening.source, f"{name}: the opening has no {label}"
+    assert times.cell_type == "code" and f'chapter_times("{name}")' in times.source
+    assert "remove-input" in times.metadata.get("tags", [])
