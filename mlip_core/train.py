@@ -294,6 +294,29 @@ class TrainResult:
     resumed_from: Path | None = None
 
 
+def read_run(run_dir: str | os.PathLike) -> TrainResult:
+    """A finished run folder read back without building data or model: a run trained from a terminal
+    (``python -m mlip_core.train`` / ``torchrun``) that a chapter reads instead of training in its kernel.
+
+    The folder must hold ``config.yaml``, ``metrics.jsonl`` and the exported image tower (written when a run
+    ends); otherwise the error names what is missing and how to finish the run.
+    """
+    run_dir = Path(run_dir)
+    needed = ("config.yaml", "metrics.jsonl", "export/image_tower.pt")
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir}: not a finished run folder (missing {', '.join(missing)}); pass the --out folder of "
+            "`python -m mlip_core.train`, and finish the run first (`--resume auto` continues it)")
+    history, val_history = read_metrics(run_dir, "step"), read_metrics(run_dir, "val")
+    steps = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    best = run_dir / "checkpoints" / "best.pt"
+    return TrainResult(history=history, val_history=val_history, checkpoint_path=steps[-1] if steps else None,
+                       best_checkpoint_path=best if best.is_file() else None,
+                       export_path=run_dir / "export" / "image_tower.pt", run_dir=run_dir,
+                       steps=int(history[-1]["step"]) if history else 0)
+
+
 def _logged(key: str) -> bool:
     """Model outputs that go to the metrics log: the loss terms and scalar diagnostics (temperature, accuracies)."""
     return key == "loss" or key.startswith("loss_") or key == "temperature" or key.endswith("_acc")
@@ -740,8 +763,11 @@ class Trainer:
 # Building a run from a config and a dataset folder
 
 
-def _pairs_dataset(config: Any, data_dir: Path, split: str, train_split: bool) -> tuple[Dataset, Any]:
-    """A :class:`MimicPretrainDataset` of one split (frontal ``views``), images cached when asked."""
+def _pairs_dataset(config: Any, data_dir: Path, split: str, train_split: bool,
+                   reports_root: Path | None = None) -> tuple[Dataset, Any]:
+    """A :class:`MimicPretrainDataset` of one split (frontal ``views``), images cached when asked; reports from
+    ``reports_root`` (a folder holding ``files/`` or ``mimic-cxr-reports.zip``) when given, else found in
+    ``data_dir``."""
     import hashlib
 
     from mlip_core.data.mimic import MimicPretrainDataset, load_mimic_pairs
@@ -750,7 +776,7 @@ def _pairs_dataset(config: Any, data_dir: Path, split: str, train_split: bool) -
 
     tc, size = config.train, config.model.image.image_size
     views = tuple(v.strip() for v in tc.views.split(",") if v.strip())
-    pairs, skips = load_mimic_pairs(data_dir, split=split, views=views)
+    pairs, skips = load_mimic_pairs(data_dir, split=split, views=views, reports_root=reports_root)
     cache = None
     if tc.image_cache and len(pairs):
         from mlip_core.data.cache import ImageCache
@@ -806,7 +832,8 @@ def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[
     return feats
 
 
-def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | None = None) -> dict[str, Any]:
+def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | None = None,
+              reports_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """Model (with knowledge embeddings), train/val datasets and the collator for ``config`` on a
     MIMIC-CXR-JPG-layout folder (the offline world or the real dataset)."""
     from mlip_core.data.collate import PretrainCollator
@@ -820,8 +847,12 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
         raise FileNotFoundError(f"{data_dir}: no such dataset folder; write the offline world with "
                                 "`python -m mlip_core.data.synth --out DIR --num-studies N` or point at MIMIC-CXR-JPG")
     mc, lc = config.model, config.loss
-    train_set, train_skips = _pairs_dataset(config, data_dir, "train", train_split=True)
-    val_set, val_skips = _pairs_dataset(config, data_dir, "validate", train_split=False)
+    if reports_root is not None and not Path(reports_root).exists():
+        raise FileNotFoundError(f"{reports_root}: no such reports folder or zip; pass the folder that holds the "
+                                "MIMIC-CXR reports' files/ tree or mimic-cxr-reports.zip itself")
+    reports = Path(reports_root) if reports_root is not None else None
+    train_set, train_skips = _pairs_dataset(config, data_dir, "train", train_split=True, reports_root=reports)
+    val_set, val_skips = _pairs_dataset(config, data_dir, "validate", train_split=False, reports_root=reports)
     for name, skips in (("train", train_skips), ("validate", val_skips)):
         if len(skips) and (dist_info is None or dist_info.is_main):
             log.warning("%s split of %s: %s", name, data_dir, skips.summary() if hasattr(skips, "summary") else skips)
@@ -872,11 +903,15 @@ def train(
     train_set: Dataset | None = None,
     val_set: Dataset | None = None,
     collate_fn: Callable[[list[dict]], dict] | None = None,
+    reports_root: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``config`` (a :class:`mlip_core.config.Config`) and return history and checkpoint paths.
 
     Either ``data_dir`` (an offline world or MIMIC-CXR-JPG) builds model, datasets and collator from the
     config, or the caller passes ``model``/``train_set``/``collate_fn`` (``val_set`` optional) directly.
+    ``reports_root`` is where the reports are when they are not inside ``data_dir`` (MIMIC-CXR ships them apart
+    from MIMIC-CXR-JPG): the folder holding their ``files/`` tree, or ``mimic-cxr-reports.zip``. Where the data
+    lives is not part of the config (nor of the run folder's hash): the same run may move with its data.
     A caller that passes ``model`` seeds its initialisation itself (``seed_everything(config.train.seed)``).
     ``resume="auto"`` continues from the newest good checkpoint in ``run_dir`` when there is one.
     """
@@ -894,7 +929,7 @@ def train(
     if model is None or train_set is None or collate_fn is None:
         if data_dir is None:
             raise ValueError("pass data_dir (a MIMIC-CXR-JPG-layout folder) or model, train_set and collate_fn")
-        built = build_run(config, data_dir, info)
+        built = build_run(config, data_dir, info, reports_root=reports_root)
         model = model or built["model"]
         train_set = train_set or built["train_set"]
         val_set = val_set if val_set is not None else built.get("val_set")
@@ -918,6 +953,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="mlip",
                    help="a named config (mlip, convirt, gloria, mgca, mlip_no_<part>) or a YAML file")
     p.add_argument("--data", required=True, help="dataset folder in MIMIC-CXR-JPG layout (offline world or real)")
+    p.add_argument("--reports", default=None, metavar="DIR_OR_ZIP",
+                   help="the MIMIC-CXR reports when not inside --data: the folder holding their files/ tree, or "
+                        "mimic-cxr-reports.zip")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, export/")
     p.add_argument("--resume", default=None, help="'auto' (newest good checkpoint in --out) or a checkpoint path")
     p.add_argument("--max-steps", type=int, default=None)
@@ -992,7 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     cfg = config_from_args(args)
     try:
-        train(cfg, data_dir=args.data, run_dir=args.out, resume=args.resume)
+        train(cfg, data_dir=args.data, run_dir=args.out, resume=args.resume, reports_root=args.reports)
         if dist.is_initialized():
             # Every rank finishes its collectives before any tears gloo/nccl down (an early teardown aborts the peer).
             dist.barrier()

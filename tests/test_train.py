@@ -303,3 +303,45 @@ def test_rerunning_a_finished_run_keeps_its_metrics_and_final_validation(tmp_pat
     after = read_metrics(tmp_path)
     assert [r for r in before if r.get("kind") == "val"], "the first run validated at its end"
     assert after == before
+
+
+def test_reports_apart_from_the_images_train_the_same_run(mlip_full_run, tiny_world, monkeypatch):
+    """MIMIC-CXR ships its reports apart from MIMIC-CXR-JPG: with the reports moved out of the world into a
+    ``mimic-cxr-reports.zip`` named by ``--reports``, the run is bitwise the run that read them in place."""
+    import shutil
+    import zipfile
+
+    from mlip_core.train import main, read_metrics
+
+    monkeypatch.setenv("MLIP_WORKSPACE", str(tiny_world / "ws_apart"))
+    images_only = tiny_world / "images_only"
+    shutil.copytree(tiny_world / "world", images_only)
+    reports = sorted(images_only.glob("files/p*/p*/s*.txt"))
+    assert reports
+    archive = tiny_world / "physionet" / "mimic-cxr-reports.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in reports:
+            zf.write(path, "mimic-cxr-reports/" + path.relative_to(images_only).as_posix())
+            path.unlink()
+    out = tiny_world / "apart"
+    with pytest.raises(FileNotFoundError, match="no such reports folder or zip"):
+        main([*MLIP_ARGS, "--data", str(images_only), "--reports", str(tiny_world / "nowhere.zip"), "--out", str(out)])
+    assert main([*MLIP_ARGS, "--data", str(images_only), "--reports", str(archive), "--out", str(out)]) == 0
+    full_w, apart_w = _weights(mlip_full_run, 4), _weights(out, 4)
+    assert all(torch.equal(full_w[k], apart_w[k]) for k in full_w)
+    assert [r["loss"] for r in read_metrics(out, "step")] == [r["loss"] for r in read_metrics(mlip_full_run, "step")]
+
+
+def test_a_finished_run_is_read_back_without_data(mlip_full_run, tmp_path):
+    """``read_run``: what a chapter reads when the run was trained from a terminal (``pretrained_run``)."""
+    from mlip_core.train import read_metrics, read_run
+
+    result = read_run(mlip_full_run)
+    assert result.steps == 4 and result.history == read_metrics(mlip_full_run, "step")
+    assert [v["epoch"] for v in result.val_history] == [0, 1]
+    assert result.export_path.is_file() and result.checkpoint_path.name == "step_00000004.pt"
+    (tmp_path / "config.yaml").write_text("name: mlip\n")
+    with pytest.raises(FileNotFoundError, match=r"not a finished run folder \(missing metrics.jsonl, "
+                                                r"export/image_tower.pt\).*--resume auto"):
+        read_run(tmp_path)
