@@ -80,20 +80,24 @@ checkpoint_every = 20  # steps
 num_workers = 0
 seed = 0
 deterministic = True
+mimic_root = ""  # a MIMIC-CXR-JPG 2.0.0 folder (CSVs and files/); empty: chapter 01's offline world
+mimic_reports_root = ""  # MIMIC-CXR reports not under mimic_root: their folder or mimic-cxr-reports.zip
+pretrained_run = ""  # run folders trained from a terminal (python -m mlip_core.train), comma-separated
 
 # %%
 import math
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
 from mlip_core.checkpoint import load_image_tower_export
-from mlip_core.config import pretrain_config
+from mlip_core.config import load_config, pretrain_config
 from mlip_core.data.mimic import load_mimic_pairs
 from mlip_core.notebook import setup
 from mlip_core.paths import workspace
-from mlip_core.train import run_folder, train
+from mlip_core.train import read_run, run_folder, train
 
 device = setup(seed, deterministic=deterministic)
 print(f"device: {device}")
@@ -106,16 +110,22 @@ print(f"device: {device}")
 # MIMIC-CXR reads it, keeping frontal (PA/AP) images; pretraining uses the `train` split and the
 # held-out `validate` split measures retrieval.
 
+#
+# With `mimic_root` set, the same cells read your MIMIC-CXR-JPG copy instead (and `mimic_reports_root` the
+# reports, which MIMIC-CXR ships apart from the JPG images).
+
 # %%
-world = workspace("offline_world", create=False)
+world = Path(mimic_root) if mimic_root else workspace("offline_world", create=False)
+reports_root = mimic_reports_root or None
 if not (world / "mimic-cxr-2.0.0-split.csv").exists() and not (world / "mimic-cxr-2.0.0-split.csv.gz").exists():
     raise FileNotFoundError(
-        f"{world} holds no offline world: run the chapter 01_offline_world first "
-        "(python -m mlip_core.book --profile smoke --only 01_offline_world)"
+        f"{world} holds no mimic-cxr-2.0.0-split.csv(.gz): " + (
+            "set mimic_root to the MIMIC-CXR-JPG 2.0.0 folder" if mimic_root else
+            "run the chapter 01_offline_world first (python -m mlip_core.book --profile smoke --only 01_offline_world)")
     )
 counts = {}
 for split in ("train", "validate"):
-    pairs, skips = load_mimic_pairs(world, split=split)
+    pairs, skips = load_mimic_pairs(world, split=split, reports_root=reports_root)
     counts[split] = {"image-report pairs": len(pairs), "studies": pairs["study_id"].nunique(),
                      "skipped rows": len(skips)}
 pd.DataFrame(counts).T
@@ -140,7 +150,9 @@ print(example["text"][:600])
 #
 # Both models share every setting below except the loss configuration. A run lives in a folder named
 # after its configuration (a hash of it), so changing a parameter starts a new run and re-running
-# the notebook with the same parameters resumes the old one (`resume="auto"`).
+# the notebook with the same parameters resumes the old one (`resume="auto"`). With `pretrained_run` set, the
+# chapter trains nothing: it reads the run folders you trained from a terminal (their own configs, metrics and
+# exported towers), and every cell below shows those runs.
 
 
 # %%
@@ -157,12 +169,18 @@ def make_config(name: str):
     return pretrain_config(name, **params)
 
 
-results = {}
-for name in configs.split(","):
-    cfg = make_config(name)
-    results[name] = train(cfg, data_dir=world, run_dir=run_folder(cfg), resume="auto")
-    if frozen_stages:
-        print(f"{name}: stem and first {frozen_stages} stages of the image tower frozen at their ImageNet weights")
+results, run_configs = {}, {}
+if pretrained_run:
+    for run in (Path(r.strip()) for r in pretrained_run.split(",") if r.strip()):
+        cfg = load_config(run / "config.yaml")
+        results[cfg.name], run_configs[cfg.name] = read_run(run), cfg
+        print(f"{cfg.name}: read from {run} ({results[cfg.name].steps} steps, trained outside this notebook)")
+else:
+    for name in configs.split(","):
+        cfg = run_configs[name] = make_config(name)
+        results[name] = train(cfg, data_dir=world, run_dir=run_folder(cfg), resume="auto", reports_root=reports_root)
+        if frozen_stages:
+            print(f"{name}: stem and first {frozen_stages} stages of the image tower frozen at their ImageNet weights")
 
 # %% [markdown]
 # ## Loss curves, term by term
@@ -191,7 +209,7 @@ for ax, (name, res) in zip(axes[0], results.items()):
 plt.show()
 
 pd.DataFrame({
-    name: {"log B (chance)": math.log(batch_size),
+    name: {"log B (chance)": math.log(run_configs[name].train.batch_size),
            "global term, first 10 steps": pd.DataFrame(res.history)["loss_global"].head(10).mean(),
            "global term, last 10 steps": pd.DataFrame(res.history)["loss_global"].tail(10).mean()}
     for name, res in results.items()}).T.round(3)
@@ -243,7 +261,7 @@ final.round(1)
 from mlip_core.knowledge.graph import CHEXPERT_14  # noqa: E402
 from mlip_core.metrics import retrieval_recall  # noqa: E402
 
-val_pairs, _ = load_mimic_pairs(world, split="validate")
+val_pairs, _ = load_mimic_pairs(world, split="validate", reports_root=reports_root)
 label_sets = torch.tensor((val_pairs[CHEXPERT_14].to_numpy() == 1).astype("float32"))
 gen = torch.Generator().manual_seed(seed)
 oracle = retrieval_recall(
@@ -309,8 +327,10 @@ speed.round(1)
 # ## Exporting the image tower
 #
 # Transfer learning needs only the image tower: a plain `state_dict` plus the configuration that
-# builds it. Each run exported its tower at the end; we copy it to `workspace("pretrained", NAME)`,
-# where the transfer chapters look for it, and check that it loads into a freshly built tower.
+# builds it. Each run exported its tower at the end; we copy it to `workspace("pretrained", NAME)`, a
+# stable path outside the hash-named run folder (point `python -m mlip_core.transfer --encoder` at it), and
+# check that it loads into a freshly built tower. The transfer chapters compare the towers of chapter
+# `06_ablations` instead, three pretraining seeds per method.
 
 # %%
 from mlip_core.model.encoders import ImageTower  # noqa: E402
@@ -320,10 +340,11 @@ for name, res in results.items():
     state, meta = load_image_tower_export(res.export_path)
     dest = workspace("pretrained", name)
     write_image_tower_export(state, meta["config"], meta["step"], dest)
-    tower = ImageTower(make_config(name).model.image)
+    tower = ImageTower(run_configs[name].model.image)
     tower.load_state_dict(state)
     with torch.no_grad():
-        feats = tower.eval()(torch.zeros(1, 1, image_size, image_size))
+        size = run_configs[name].model.image.image_size
+        feats = tower.eval()(torch.zeros(1, 1, size, size))
     print(f"{name}: {len(state)} tensors from step {meta['step']} -> {dest}; "
           f"global {tuple(feats.global_.shape)}, patches {tuple(feats.patches.shape)}")
 
