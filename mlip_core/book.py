@@ -153,31 +153,31 @@ def chapter_times(notebook: str, book: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-# The chapters' parameters that point at real data (the ``full`` profile sets them): empty means the offline
-# world the book writes itself. What each one replaces, for the runner's report.
+# The chapters' parameters that point at real data (the ``full`` profile sets them), each with what an empty
+# value means, for the runner's report.
+OFFLINE = "the offline world"
 REAL_DATA_PARAMETERS = {
-    "mimic_root": "MIMIC-CXR-JPG (images, split, metadata, labels)",
-    "mimic_reports_root": "the MIMIC-CXR reports (folder or mimic-cxr-reports.zip)",
-    "pretrained_run": "a pretraining run trained from a terminal (python -m mlip_core.train / torchrun)",
-    "chexpert_root": "CheXpert",
-    "covidx_root": "COVIDx",
-    "siim_root": "SIIM-ACR Pneumothorax",
-    "rsna_root": "RSNA Pneumonia",
-    "object_cxr_root": "Object-CXR",
+    "mimic_root": f"{OFFLINE} instead of MIMIC-CXR-JPG",
+    "mimic_reports_root": "the reports are looked for under mimic_root",
+    "pretrained_run": "the chapter trains its own runs",
+    "chexpert_root": f"{OFFLINE} instead of CheXpert",
+    "covidx_root": f"{OFFLINE} instead of COVIDx",
+    "siim_root": f"{OFFLINE} instead of SIIM-ACR Pneumothorax",
+    "rsna_root": f"{OFFLINE} instead of RSNA Pneumonia",
+    "object_cxr_root": f"{OFFLINE} instead of Object-CXR",
 }
 
 
 def real_data_report(plan: list[tuple[str, dict[str, Any], dict[str, Parameter]]]) -> list[str]:
-    """One line per chapter that declares real-data parameters: what each reads, or that it falls back."""
+    """One line per chapter that declares real-data parameters: what each reads, or what it does instead."""
     lines = []
     for name, params, declared in plan:
         parts = []
-        for key in REAL_DATA_PARAMETERS:
+        for key, empty_means in REAL_DATA_PARAMETERS.items():
             if key not in declared:
                 continue
             value = params.get(key, declared[key].default.strip("'\""))
-            parts.append(f"{key}={value}" if value else f"{key} empty (offline world instead of "
-                                                          f"{REAL_DATA_PARAMETERS[key].split(' (')[0]})")
+            parts.append(f"{key}={value}" if value else f"{key} empty ({empty_means})")
         if parts:
             lines.append(f"{name}: " + "; ".join(parts))
     return lines
@@ -561,11 +561,13 @@ def run_book(
         if type_errors:
             raise BookError("parameter(s) of the wrong type, nothing was run:\n  " + "\n  ".join(type_errors)
                            + "\npass values of the declared types (in the profile or with -p KEY=VALUE)")
-        missing_roots = [f"{name}: {key}={params[key]}" for name, _, params in plan for key in REAL_DATA_PARAMETERS
-                         if key in declared_by[name] and params.get(key) and not Path(str(params[key])).exists()]
+        missing_roots = [f"{name}: {key}={path}" for name, _, params in plan for key in REAL_DATA_PARAMETERS
+                         if key in declared_by[name] and params.get(key)
+                         for path in str(params[key]).split(",") if path.strip() and not Path(path.strip()).exists()]
         if missing_roots:
             raise BookError("real-data folder(s) that do not exist, nothing was run:\n  " + "\n  ".join(missing_roots)
-                            + "\nfix the path (in the profile or with -p KEY=VALUE), or leave it empty for the offline world")
+                            + "\nfix the path (in the profile or with -p KEY=VALUE), or leave it empty for the "
+                            "offline world")
         real = real_data_report([(name, params, declared_by[name]) for name, _, params in plan])
         if real and (profile == "full" or any("=" in line for line in real)):
             log("[book] real data, before the first chapter runs:\n  " + "\n  ".join(real))
@@ -642,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                 declared = parse_parameters_cell(_parameters_source(notebooks_dir / f"{name}.py"), name)
                 listed.append((name, {}, declared))
             lines = real_data_report(listed)
-            print("real-data parameters (set them in the full profile or with -p; empty = offline world):")
+            print("real-data parameters, as the parameters cells declare them (set them in a profile or with -p):")
             print("\n".join(f"  {line}" for line in lines) if lines else "  (none declared)")
             return 0
         result = run_book(args.profile, args.only, args.param, args.out, book, args.notebooks_dir, args.timeout)

@@ -279,7 +279,7 @@ def test_full_run_says_which_chapters_fall_back_before_the_first_runs(tmp_path):
              log=logged.append)
     report = next(line for line in logged if line.startswith("[book] real data"))
     assert logged.index(report) == 0  # before the first chapter's line
-    assert f"08_seg: siim_root={data}; rsna_root empty (offline world instead of RSNA Pneumonia)" in report
+    assert f"08_seg: siim_root={data}; rsna_root empty (the offline world instead of RSNA Pneumonia)" in report
     assert "01_a" not in report  # a chapter without real-data parameters is not mentioned
 
 
@@ -295,4 +295,4 @@ def test_list_shows_the_real_data_parameters(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mlip_core.book", "--list", "--book-dir", str(book),
                           "--notebooks-dir", str(nb_dir)], capture_output=True, text=True, check=True).stdout
     assert "real-data parameters" in out
-    assert "08_seg: siim_root empty (offline world instead of SIIM-ACR Pneumothorax); rsna_root empty" in out
+    assert "08_seg: siim_root empty (the offline world instead of SIIM-ACR Pneumothorax); rsna_root empty" in out
