@@ -82,3 +82,26 @@ def test_every_profile_value_is_declared_by_its_notebook_and_has_its_type(profil
         problems += [p for k, v in params.get(name, {}).items()
                      if (p := type_error(name, k, v, declared[k], f"profile {profile}"))]
     assert not problems, problems
+
+
+@pytest.mark.parametrize("profile", ["smoke", "ci", "gpu", "full"])
+def test_a_profile_holds_only_what_differs_from_the_parameters_cell(profile, tmp_path):
+    """One place for every value: the cell holds the ci value, a profile only what it changes."""
+    import ast
+
+    from mlip_core.book import declared_parameters, to_ipynb
+
+    params = load_profile(book_dir(), profile)
+    repeated = []
+    for name in NOTEBOOKS:
+        nb = tmp_path / f"{name}.ipynb"
+        to_ipynb(repo_root() / "notebooks" / f"{name}.py", nb)
+        declared = declared_parameters(nb)
+        for key, value in params.get(name, {}).items():
+            try:
+                default = ast.literal_eval(declared[key].default)
+            except (ValueError, SyntaxError):
+                continue
+            if value == default and type(value) is type(default):
+                repeated.append(f"{name}: {key}: {value!r}")
+    assert not repeated, f"book/profiles/{profile}.yaml repeats the parameters cell: {repeated}"
