@@ -37,6 +37,12 @@ class ImageTowerConfig:
     # Freeze the stem and the first N stages (ResNet layer1.., EfficientNet blocks[0..N-1]): their weights stay
     # at init, BatchNorm in eval mode, and no backward runs through them. 0 = train everything.
     frozen_stages: int = 0
+    # Grey-level mean and std (on the [0, 1] scale) the weights expect. Images arrive mapped to [-1, 1] (mean 0.5,
+    # std 0.5, MGCA's); the tower re-maps them to these. None = from the initial weights: timm's pretrained
+    # statistics for `pretrained` ImageNet weights (ResNets: ImageNet's, averaged over RGB as timm's in_chans=1
+    # sums the first convolution over RGB), 0.5 / 0.5 for random init (see encoders.input_statistics).
+    input_mean: float | None = None
+    input_std: float | None = None
 
 
 @dataclass

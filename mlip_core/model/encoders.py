@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from mlip_core.config import ImageTowerConfig, TextTowerConfig
+from mlip_core.data.transforms import MEAN as TRANSFORM_MEAN
+from mlip_core.data.transforms import STD as TRANSFORM_STD
 from mlip_core.knowledge import minilm_path  # the packaged MiniLM folder, checked
 
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_package"
@@ -121,6 +123,29 @@ def load_local_weights(model: nn.Module, path: str | Path) -> list[str]:
     return missing
 
 
+def input_statistics(cfg: ImageTowerConfig) -> tuple[float, float]:
+    """The grey-level (mean, std) on the [0, 1] scale that ``cfg``'s weights expect: the config's own values when
+    set; else timm's pretrained statistics of the architecture when ``pretrained`` loads weights (averaged over
+    RGB: timm's ``in_chans=1`` sums the first convolution over the three channels, so a grey input stands for
+    three equal ones); else 0.5 / 0.5, the [-1, 1] mapping every transform of this project applies."""
+    if cfg.input_mean is not None and cfg.input_std is not None:
+        return float(cfg.input_mean), float(cfg.input_std)
+    if cfg.pretrained:
+        pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
+        if pretrained_cfg is not None and pretrained_cfg.mean and pretrained_cfg.std:
+            mean, std = pretrained_cfg.mean, pretrained_cfg.std
+            return float(sum(mean) / len(mean)), float(sum(std) / len(std))
+    return TRANSFORM_MEAN, TRANSFORM_STD
+
+
+def to_weight_statistics(x: Tensor, mean: float, std: float) -> Tensor:
+    """Images mapped to [-1, 1] by this project's transforms -> ``(pixel - mean) / std``; the identity (the same
+    tensor) when the statistics are the transforms' own."""
+    if mean == TRANSFORM_MEAN and std == TRANSFORM_STD:
+        return x
+    return (x * TRANSFORM_STD + (TRANSFORM_MEAN - mean)) / std
+
+
 class ImageTower(nn.Module):
     """A timm backbone (``in_chans=1``) returning global vector and patch grid; see :class:`ImageFeatures`."""
 
@@ -138,6 +163,7 @@ class ImageTower(nn.Module):
         if cfg.pretrained and cfg.pretrained != "hub":
             path = efficientnet_lite0_package_path() if cfg.pretrained == EFFICIENTNET_LITE0_PACKAGE else cfg.pretrained
             self.missing_keys = load_local_weights(self.backbone, path)
+        self.input_mean, self.input_std = input_statistics(cfg)
         self.global_dim: int = self.backbone.num_features
         if self.is_vit:
             self.patch_dim: int = self.backbone.embed_dim
@@ -197,6 +223,7 @@ class ImageTower(nn.Module):
         Their weights never change, so a momentum copy of this tower may share this output (see MLIP.features)."""
         stem, stages, _, level_stage = self._staged()
         target = level_stage[self._level]
+        x = to_weight_statistics(x, self.input_mean, self.input_std)
         for m in stem:
             x = m(x)
         fmap = x if target == 0 else None
@@ -224,15 +251,16 @@ class ImageTower(nn.Module):
         return ImageFeatures(global_, fmap.flatten(2).transpose(1, 2), (int(h), int(w)))
 
     def forward(self, x: Tensor) -> ImageFeatures:
-        """(B,1,H,W) -> global (B,Dg), patches (B,h*w,Dp)."""
+        """(B,1,H,W) images mapped to [-1, 1] -> global (B,Dg), patches (B,h*w,Dp)."""
+        if self._frozen:
+            return self.forward_from_trunk(*self.frozen_trunk(x))  # the trunk re-maps the input
+        x = to_weight_statistics(x, self.input_mean, self.input_std)
         if self.is_vit:
             tokens = self.backbone.forward_features(x)  # (B, prefix + P, D), final norm applied
             global_ = self.backbone.forward_head(tokens, pre_logits=True)
             patches = tokens[:, self.backbone.num_prefix_tokens :]
             h, w = self.backbone.patch_embed.grid_size
             return ImageFeatures(global_, patches, (int(h), int(w)))
-        if self._frozen:
-            return self.forward_from_trunk(*self.frozen_trunk(x))
         final, inter = self.backbone.forward_intermediates(x, indices=[self._level])
         fmap = inter[0]  # (B, Dp, h, w)
         global_ = self.backbone.forward_head(final, pre_logits=True)

@@ -37,7 +37,7 @@ from mlip_core.data.cache import ImageCache
 from mlip_core.data.downstream import CHEXPERT_5, ImageLabelDataset, holdout_split, label_fraction_splits, load_chexpert
 from mlip_core.data.mimic import CHEXPERT_14, load_mimic_pairs
 from mlip_core.data.skips import SkipReport
-from mlip_core.model.encoders import ImageTower
+from mlip_core.model.encoders import ImageTower, input_statistics
 
 __all__ = [
     "ClassificationTask",
@@ -190,7 +190,12 @@ def encoder_from_export(name: str, path: Path | str) -> Encoder:
     image = dict(json.loads(meta_path.read_text()).get("image") or {})
     if "name" not in image:
         raise ValueError(f"{meta_path}: no 'image' tower config in the metadata; re-export it with this version")
-    image["pretrained"] = ""  # the exported weights replace any initialisation
+    # The exported weights replace any initialisation, but keep the input statistics the run trained with
+    # (ImageNet's for a tower that started from ImageNet weights): resolved before `pretrained` is cleared.
+    known = ImageTowerConfig.__dataclass_fields__
+    image["input_mean"], image["input_std"] = input_statistics(
+        ImageTowerConfig(**{k: v for k, v in image.items() if k in known}))
+    image["pretrained"] = ""
     return Encoder(name, "tower", int(image.get("image_size", 224)), tower=image, state_path=str(path))
 
 

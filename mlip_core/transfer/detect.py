@@ -271,8 +271,11 @@ def build_detector(encoder: Encoder, image_size: int, fpn_channels: int = 64,
                                   aspect_ratios=((0.5, 1.0, 2.0),) * len(anchor_sizes))
         norm = partial(nn.GroupNorm, min(32, fpn_channels // 4)) if head_norm else None
         head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes=1, norm_layer=norm)
-        model = RetinaNet(backbone, num_classes=1, min_size=image_size, max_size=image_size, image_mean=[0.0],
-                          image_std=[1.0], anchor_generator=anchors, head=head, score_thresh=score_thresh,
+        # RetinaNet's transform normalises (x - mean) / std; on inputs mapped to [-1, 1] these give the statistics
+        # the tower's weights expect (the identity, mean 0 and std 1, for the transforms' own 0.5 / 0.5).
+        mean, std = tower.input_mean, tower.input_std
+        model = RetinaNet(backbone, num_classes=1, min_size=image_size, max_size=image_size,
+                          image_mean=[2 * mean - 1], image_std=[2 * std], anchor_generator=anchors, head=head, score_thresh=score_thresh,
                           nms_thresh=nms_thresh, detections_per_img=detections_per_img)
     return model
 

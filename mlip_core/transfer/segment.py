@@ -70,7 +70,7 @@ from mlip_core.data.downstream import siim_mask
 from mlip_core.data.images import ImageReadError, read_image, resize_uint8
 from mlip_core.data.skips import SkipReport
 from mlip_core.data.transforms import MEAN, STD
-from mlip_core.model.encoders import ImageTower
+from mlip_core.model.encoders import ImageTower, to_weight_statistics
 from mlip_core.transfer.classify import Encoder, build_tower, fraction_masks
 
 __all__ = [
@@ -284,6 +284,10 @@ def build_unet(encoder: Encoder, decoder_channels: Sequence[int] = DEFAULT_DECOD
         unet = smp.Unet(encoder_name=f"tu-{name}", encoder_weights=None, in_channels=1, classes=1,
                         encoder_depth=len(decoder_channels), decoder_channels=tuple(decoder_channels))
     load_tower_weights(unet.encoder.model, tower)
+    if (tower.input_mean, tower.input_std) != (MEAN, STD):  # re-map [-1, 1] inputs to what the weights expect
+        mean, std = tower.input_mean, tower.input_std
+        unet.encoder.register_forward_pre_hook(lambda _, args: (to_weight_statistics(args[0], mean, std),
+                                                                *args[1:]))
     return unet
 
 
