@@ -1,4 +1,5 @@
-"""The short header every chapter opens with (as in the UvA DL notebooks): seed, device, figure style."""
+"""The short header every chapter opens with (as in the UvA DL notebooks): seed, device, figure style;
+and the guard that keeps credentialed data's images and report text out of a chapter's outputs."""
 
 from __future__ import annotations
 
@@ -24,3 +25,27 @@ def setup(seed: int = 0, deterministic: bool = False, threads: int | None = None
     except ImportError:
         pass
     return default_device()
+
+
+def examples_allowed(publish_examples: bool, **roots: str | None) -> bool:
+    """True when every dataset root is empty (the offline worlds, free to show) or ``publish_examples`` is set.
+
+    ``roots`` are a chapter's real-data parameters by name (``mimic_root=mimic_root``); a set one means the
+    chapter reads data whose agreement forbids redistribution, so its images and report text stay out of the page.
+    """
+    return bool(publish_examples) or not any(root is not None and str(root).strip() for root in roots.values())
+
+
+def withheld_line(dataset: str, **roots: str | None) -> str:
+    """The one line a chapter prints in place of examples it withholds from ``dataset``."""
+    named = ", ".join(name for name, root in roots.items() if root is not None and str(root).strip())
+    return (f"examples withheld: {dataset} is data under a use agreement ({named} set); set publish_examples=True "
+            "only where its data-use agreement allows redistribution")
+
+
+def show_examples(dataset: str, publish_examples: bool, **roots: str | None) -> bool:
+    """:func:`examples_allowed`, printing :func:`withheld_line` when it is False; guards a chapter's example cells."""
+    allowed = examples_allowed(publish_examples, **roots)
+    if not allowed:
+        print(withheld_line(dataset, **roots))
+    return allowed

@@ -83,6 +83,7 @@ deterministic = True
 mimic_root = ""  # a MIMIC-CXR-JPG 2.0.0 folder (CSVs and files/); empty: chapter 01's offline world
 mimic_reports_root = ""  # MIMIC-CXR reports not under mimic_root: their folder or mimic-cxr-reports.zip
 pretrained_run = ""  # run folders trained from a terminal (python -m mlip_core.train), comma-separated
+publish_examples = False  # with mimic_root or mimic_reports_root set, show the example image and report only if True
 
 # %%
 import math
@@ -95,7 +96,7 @@ import torch
 from mlip_core.checkpoint import load_image_tower_export
 from mlip_core.config import load_config, pretrain_config
 from mlip_core.data.mimic import load_mimic_pairs
-from mlip_core.notebook import setup
+from mlip_core.notebook import setup, show_examples
 from mlip_core.paths import workspace
 from mlip_core.train import read_run, run_folder, train
 
@@ -132,18 +133,21 @@ pd.DataFrame(counts).T
 
 # %% [markdown]
 # One example pair, as the model sees it before tokenisation: a single-channel radiograph and the
-# report text (impression and findings).
+# report text (impression and findings). MIMIC-CXR's data-use agreement forbids sharing its images and reports,
+# so with `mimic_root` (or `mimic_reports_root`) set the cell prints one line instead, unless `publish_examples`
+# is set.
 
 # %%
-example = pairs.iloc[0]
-from mlip_core.data.images import load_uint8  # noqa: E402
+if show_examples("MIMIC-CXR", publish_examples, mimic_root=mimic_root, mimic_reports_root=mimic_reports_root):
+    from mlip_core.data.images import load_uint8
 
-fig, ax = plt.subplots(figsize=(4, 4))
-ax.imshow(load_uint8(example["image_path"], image_size), cmap="gray")
-ax.set_title(f"validate study {example['study_id']}")
-ax.axis("off")
-plt.show()
-print(example["text"][:600])
+    example = pairs.iloc[0]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(load_uint8(example["image_path"], image_size), cmap="gray")
+    ax.set_title(f"validate study {example['study_id']}")
+    ax.axis("off")
+    plt.show()
+    print(example["text"][:600])
 
 # %% [markdown]
 # ## Training

@@ -49,6 +49,7 @@ lr = 0.0005  # MGCA's
 balance = True  # MGCA trains on every positive image and as many negatives
 siim_root = ""  # folder of the SIIM-ACR Kaggle data (train-rle.csv, dicom-images-train/); empty: offline
 n_examples = 4  # images in the figure of predicted and true masks
+publish_examples = False  # with siim_root set, draw the example images only if True (data-use terms)
 seed = 0
 
 # %%
@@ -63,7 +64,7 @@ from myst_nb import glue
 from mlip_core.ablation import by_pretraining_seed, differences_vs, grid_runs, init_encoders, run_encoders
 from mlip_core.data.downstream import dataset_splits, load_siim
 from mlip_core.data.transfer_worlds import ensure_transfer_world
-from mlip_core.notebook import setup
+from mlip_core.notebook import setup, show_examples
 from mlip_core.paths import workspace
 from mlip_core.results import mean_std, mean_std_table, write_results
 from mlip_core.transfer.segment import segmentation_data, segmentation_sweep
@@ -148,27 +149,30 @@ plt.show()
 # ## Predicted and true masks
 #
 # The U-Nets of the table at the largest fraction (ImageNet init and each method's first pretraining seed), on
-# test images with a pneumothorax: the true outline in green, the prediction in red.
+# test images with a pneumothorax: the true outline in green, the prediction in red. With `siim_root` set, the
+# figure is drawn only if `publish_examples` is set: the competition's rules restrict redistributing its images.
 
 # %%
-test_all = np.flatnonzero(splits == "test")
-shown = np.flatnonzero(test_truth)[:n_examples]  # positions among the test images
-show = [e for e in baselines if "ImageNet" in e.name] + [enc for m, s, enc in pretrained if s == pretrained[0][1]]
-titles = {enc.name: config for config, _, enc in pretrained}
-fig, axes = plt.subplots(len(shown), len(show), figsize=(2.1 * len(show), 2.1 * len(shown)), squeeze=False)
-for j, enc in enumerate(show):
-    pred = predictions[(enc.name, fractions[-1], 0)]
-    for i, t in enumerate(shown):
-        ax, k = axes[i, j], test_all[t]
-        ax.imshow(data.images[k], cmap="gray")
-        ax.contour(data.masks[k], levels=[0.5], colors="lime", linewidths=0.8)
-        if pred[t].any():
-            ax.contour(pred[t], levels=[0.5], colors="red", linewidths=0.8)
-        ax.set_xticks([]), ax.set_yticks([])
-        if i == 0:
-            ax.set_title(titles.get(enc.name, enc.name), fontsize=8)
-plt.tight_layout()
-plt.show()
+if show_examples("SIIM-ACR Pneumothorax", publish_examples, siim_root=siim_root):
+    test_all = np.flatnonzero(splits == "test")
+    shown = np.flatnonzero(test_truth)[:n_examples]  # positions among the test images
+    show = ([e for e in baselines if "ImageNet" in e.name]
+            + [enc for m, s, enc in pretrained if s == pretrained[0][1]])
+    titles = {enc.name: config for config, _, enc in pretrained}
+    fig, axes = plt.subplots(len(shown), len(show), figsize=(2.1 * len(show), 2.1 * len(shown)), squeeze=False)
+    for j, enc in enumerate(show):
+        pred = predictions[(enc.name, fractions[-1], 0)]
+        for i, t in enumerate(shown):
+            ax, k = axes[i, j], test_all[t]
+            ax.imshow(data.images[k], cmap="gray")
+            ax.contour(data.masks[k], levels=[0.5], colors="lime", linewidths=0.8)
+            if pred[t].any():
+                ax.contour(pred[t], levels=[0.5], colors="red", linewidths=0.8)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles.get(enc.name, enc.name), fontsize=8)
+    plt.tight_layout()
+    plt.show()
 
 # %% [markdown]
 # ## Which differences the seeds can tell apart

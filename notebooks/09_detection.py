@@ -47,6 +47,7 @@ batch_size = 16
 lr = 0.0005  # MGCA's
 rsna_root = ""  # folder of the RSNA Pneumonia data (stage_2_train_labels.csv, stage_2_train_images/); empty: offline
 n_examples = 4  # test images in the figure of predicted boxes
+publish_examples = False  # with rsna_root set, draw the example images only if True (data-use terms)
 seed = 0
 
 # %%
@@ -62,7 +63,7 @@ from myst_nb import glue
 from mlip_core.ablation import by_pretraining_seed, differences_vs, grid_runs, init_encoders, run_encoders
 from mlip_core.data.downstream import dataset_splits, load_rsna
 from mlip_core.data.transfer_worlds import ensure_transfer_world
-from mlip_core.notebook import setup
+from mlip_core.notebook import setup, show_examples
 from mlip_core.paths import workspace
 from mlip_core.results import mean_std, mean_std_table, write_results
 from mlip_core.transfer.detect import detection_data, detection_sweep
@@ -137,30 +138,33 @@ plt.show()
 #
 # The detectors of the table at the largest fraction (ImageNet init and each method's first pretraining seed), on
 # test images with an opacity: true boxes in green, the three highest-scoring predictions in red (their score
-# beside them).
+# beside them). With `rsna_root` set, the figure is drawn only if `publish_examples` is set: the competition's
+# rules restrict redistributing its images.
 
 # %%
-test_all = np.flatnonzero(splits == "test")
-shown = np.flatnonzero(n_boxes[test_all] > 0)[:n_examples]  # positions among the test images
-show = [e for e in baselines if "ImageNet" in e.name] + [enc for m, s, enc in pretrained if s == pretrained[0][1]]
-titles = {enc.name: config for config, _, enc in pretrained}
-fig, axes = plt.subplots(len(shown), len(show), figsize=(2.1 * len(show), 2.1 * len(shown)), squeeze=False)
-for j, enc in enumerate(show):
-    preds = predictions[(enc.name, fractions[-1], 0)]
-    for i, t in enumerate(shown):
-        ax, k = axes[i, j], test_all[t]
-        ax.imshow(data.images[k], cmap="gray")
-        for x0, y0, x1, y1 in data.boxes[k]:
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=0.8))
-        pred = preds[t]
-        for (x0, y0, x1, y1), sc in list(zip(pred["boxes"].tolist(), pred["scores"].tolist()))[:3]:
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red", lw=0.8))
-            ax.text(x0, y0, f"{sc:.2f}", color="red", fontsize=6, va="bottom")
-        ax.set_xticks([]), ax.set_yticks([])
-        if i == 0:
-            ax.set_title(titles.get(enc.name, enc.name), fontsize=8)
-plt.tight_layout()
-plt.show()
+if show_examples("RSNA Pneumonia", publish_examples, rsna_root=rsna_root):
+    test_all = np.flatnonzero(splits == "test")
+    shown = np.flatnonzero(n_boxes[test_all] > 0)[:n_examples]  # positions among the test images
+    show = ([e for e in baselines if "ImageNet" in e.name]
+            + [enc for m, s, enc in pretrained if s == pretrained[0][1]])
+    titles = {enc.name: config for config, _, enc in pretrained}
+    fig, axes = plt.subplots(len(shown), len(show), figsize=(2.1 * len(show), 2.1 * len(shown)), squeeze=False)
+    for j, enc in enumerate(show):
+        preds = predictions[(enc.name, fractions[-1], 0)]
+        for i, t in enumerate(shown):
+            ax, k = axes[i, j], test_all[t]
+            ax.imshow(data.images[k], cmap="gray")
+            for x0, y0, x1, y1 in data.boxes[k]:
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=0.8))
+            pred = preds[t]
+            for (x0, y0, x1, y1), sc in list(zip(pred["boxes"].tolist(), pred["scores"].tolist()))[:3]:
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="red", lw=0.8))
+                ax.text(x0, y0, f"{sc:.2f}", color="red", fontsize=6, va="bottom")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles.get(enc.name, enc.name), fontsize=8)
+    plt.tight_layout()
+    plt.show()
 
 # %% [markdown]
 # ## Which differences the seeds can tell apart
