@@ -79,6 +79,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+def remove_leftover_temporaries(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` for targets named like ``pattern``
+    (``.<name>.<random>.tmp``) when a process was killed mid-write; returns them. Call it only where no writer
+    of those targets can be running (a trainer's resume owns its checkpoint folder)."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".{pattern}.*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "wb") -> Path:
     """Call ``write(fh)`` on a temporary file beside ``path``, then rename it over ``path`` (:func:`atomic_path`).
     ``mode`` "w" opens text (UTF-8, no newline translation)."""

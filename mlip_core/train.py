@@ -468,6 +468,12 @@ class Trainer:
         """``"auto"``: the newest good checkpoint of this run (none: start fresh); a path: that file."""
         if not resume:
             return None
+        if self.dist.is_main:  # half-written checkpoints of a killed run: resume never reads them
+            stale = [f for name in ("step_*.pt", "best.pt")
+                     for f in ckpt_lib.remove_leftover_temporaries(self.ckpt_dir, name)]
+            if stale:
+                log.info("removed %d half-written checkpoint file(s) of an interrupted run in %s", len(stale),
+                         self.ckpt_dir)
         if str(resume) == "auto":
             found = ckpt_lib.find_resumable(self.ckpt_dir)
             if found is None:

@@ -211,3 +211,18 @@ def test_a_checkpoint_refuses_other_frozen_weights_than_it_was_trained_with(tmp_
     _frozen_text_run(tmp_path / "run", stop_at_step=3)
     with pytest.raises(ck.CheckpointError, match="text_embed"):
         _frozen_text_run(tmp_path / "run", text_seed=6)
+
+
+def test_half_written_checkpoints_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    from mlip_core.checkpoint import remove_leftover_temporaries
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    stale = [ckpt / ".step_00000007.pt.k2j3h4.tmp", ckpt / ".best.pt.abc123.tmp"]
+    kept = [ckpt / "step_00000006.pt", ckpt / ".notes.tmp", ckpt / "step_00000007.pt.tmp", ckpt / "mine.txt"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    removed = [f for name in ("step_*.pt", "best.pt") for f in remove_leftover_temporaries(ckpt, name)]
+    assert sorted(removed) == sorted(stale)
+    assert all(not p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert remove_leftover_temporaries(tmp_path / "absent", "step_*.pt") == []

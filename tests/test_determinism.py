@@ -48,6 +48,8 @@ def test_sigkill_at_ten_random_points_resumes_to_bitwise_equal_weights_and_histo
     assert final.resumed_at == final.resumed_from > 0, table  # it resumed from the newest checkpoint, not step 0
     assert report.differing == [], table  # model (momentum encoder, BatchNorm buffers) and optimizer state
     assert report.records_equal, table  # every step, epoch and validation record, wall-clock fields aside
+    # each resume removed the half-written checkpoints its killed predecessor left behind
+    assert not list((report.workdir / "cut" / "checkpoints").glob(".*.tmp")), table
 
 
 # ----------------------------------------------------------------------------------------------------------------
