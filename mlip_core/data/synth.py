@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from mlip_core.data.iu import IUReport, load_iu_reports
+from mlip_core.data.manifest import Layout, finish_write, remove_written, reuse_or_clear, start_write
 from mlip_core.data.reportgen import generate_report, sample_findings
 from mlip_core.data.synth_findings import CHEXPERT_COLUMNS, findings_from_mesh
 from mlip_core.data.synth_render import Patient, render, sample_patient, sample_scene
@@ -286,15 +287,7 @@ def write_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_s
         raise ValueError(f"split_fractions must sum to 1, got {split_fractions}")
     t0 = time.perf_counter()
     out = Path(out_dir)
-    present = [name for name in WORLD_FILES if _holds_something(out / name)]
-    if present or (out / MANIFEST_NAME).exists():
-        raise FileExistsError(
-            f"{out} already holds {', '.join(present) or MANIFEST_NAME}: the world is written only into a folder "
-            "without them. Pass a new --out folder, or call ensure_world, which replaces a world this project "
-            "wrote (it lists every file in mlip-world-manifest.json) and never touches anything else.")
-    out.mkdir(parents=True, exist_ok=True)
-    # Written first: a writer killed half-way leaves a manifest that names what it had begun to create.
-    _write_manifest(out, {"complete": False, "created": list(WORLD_FILES)})
+    manifest = start_write(out, WORLD)  # refuses a folder holding world files it did not write
     for sub in ("files", "synth/masks", "synth/anatomy"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     plans, skipped = _plan(num_studies, seed, report_source, images_per_study, studies_per_subject, split_fractions)
@@ -352,94 +345,26 @@ def write_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_s
     recorded = {k: v for k, v in asdict(summary).items() if k not in ("out_dir", "seconds")}  # path-free
     (out / "synth" / "world.json").write_text(json.dumps({"parameters": params, "summary": recorded},
                                                          indent=2, sort_keys=True) + "\n")
-    written = sorted(str(p.relative_to(out)) for name in WORLD_FILES for p in _files_under(out / name))
-    _write_manifest(out, {"complete": True, "created": list(WORLD_FILES), "files": written})
+    finish_write(out, WORLD, manifest)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-WORLD_FILES = ["files", "synth", "mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-metadata.csv",
-               "mimic-cxr-2.0.0-chexpert.csv"]
+WORLD_FILES = ("files", "synth", "mimic-cxr-2.0.0-split.csv", "mimic-cxr-2.0.0-metadata.csv",
+               "mimic-cxr-2.0.0-chexpert.csv")
 MANIFEST_NAME = "mlip-world-manifest.json"
-
-
-def _holds_something(path: Path) -> bool:
-    return path.is_file() or (path.is_dir() and any(path.iterdir()))
-
-
-def _files_under(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
-
-
-def _write_manifest(out: Path, manifest: dict) -> None:
-    from mlip_core.checkpoint import atomic_write
-
-    text = json.dumps(manifest, indent=0) + "\n"
-    atomic_write(out / MANIFEST_NAME, lambda fh: fh.write(text), mode="w")
+# The world is written beside whatever else the folder holds (a SIIM copy, say); only these names are its own.
+WORLD = Layout(MANIFEST_NAME, WORLD_FILES, what="world", ensure="ensure_world",
+               hint="Point the world at an empty folder, or delete those paths yourself if they are an old offline "
+                    "world.")
 
 
 def remove_world(out_dir: str | os.PathLike) -> int:
     """Remove the world the writer put in ``out_dir``: exactly the files its manifest lists, then the folders
-    they leave empty. Anything else in the folder (a file added later, a real dataset beside it) stays.
-
-    A writer that was killed half-way left an incomplete manifest: the paths it had begun to create are its own
-    (``write_world`` refuses to start unless all of them were absent) and are removed whole. A folder holding
-    world files but no manifest is not ours: ``FileExistsError`` naming the folder and the fix. Returns the
-    number of files removed."""
-    import shutil
-
-    out = Path(out_dir)
-    manifest_path = out / MANIFEST_NAME
-    if not manifest_path.is_file():
-        present = [name for name in WORLD_FILES if _holds_something(out / name)]
-        if present:
-            raise FileExistsError(
-                f"{out} holds {', '.join(present)} but no {MANIFEST_NAME}, so this project did not write them "
-                "(or an older version did): nothing was removed. Point the world at an empty folder, or delete "
-                "those paths yourself if they are an old offline world.")
-        return 0
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        created = [str(c) for c in manifest["created"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FileExistsError(f"{manifest_path} is unreadable ({exc}); nothing was removed. Delete the world "
-                              "folder yourself or point the world at an empty folder.") from exc
-    if any(c not in WORLD_FILES for c in created):
-        raise FileExistsError(f"{manifest_path} names paths the world writer never creates ({created}); "
-                              "nothing was removed")
-    removed = 0
-    if manifest.get("complete"):
-        for rel in manifest.get("files", []):
-            target = (out / rel)
-            if Path(rel).is_absolute() or ".." in Path(rel).parts:
-                continue  # never outside the world folder
-            if target.is_file():
-                target.unlink()
-                removed += 1
-        for name in created:  # prune the folders the listed files left empty, deepest first
-            top = out / name
-            if top.is_dir():
-                for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                    if not any(d.iterdir()):
-                        d.rmdir()
-                if not any(top.iterdir()):
-                    top.rmdir()
-    else:
-        for name in created:
-            target = out / name
-            removed += len(_files_under(target))
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    leftovers = [name for name in WORLD_FILES if _holds_something(out / name)]
-    manifest_path.unlink()
-    if leftovers:
-        raise FileExistsError(f"{out}: {', '.join(leftovers)} still hold files the world writer did not write; "
-                              "they were kept. Move them away or point the world at another folder.")
-    return removed
+    they leave empty (:func:`mlip_core.data.manifest.remove_written`). Anything else in the folder stays. A folder
+    holding world files but no manifest is not ours: ``FileExistsError`` naming the folder and the fix. Returns
+    the number of files removed."""
+    return remove_written(out_dir, WORLD)
 
 
 def world_parameters(out_dir: str | os.PathLike) -> dict | None:
@@ -455,22 +380,21 @@ def world_parameters(out_dir: str | os.PathLike) -> dict | None:
 
 def ensure_world(out_dir: str | os.PathLike, num_studies: int, seed: int, image_size: int = 224,
                  **kwargs) -> tuple[WorldSummary | None, bool]:
-    """Write the world unless ``out_dir`` already holds one made with the same parameters.
+    """Write the world unless ``out_dir`` already holds one made with the same parameters, every file there.
 
     Returns (summary or None when reused, whether it was written). A world with other parameters is removed
     first by :func:`remove_world`: only the files its manifest lists. A folder with world-like files and no
     manifest (a real MIMIC-CXR-JPG copy, say) is refused, never cleaned."""
     out = Path(out_dir)
     wanted = {"world_version": WORLD_VERSION, "num_studies": num_studies, "seed": seed, "image_size": image_size}
-    have = world_parameters(out)
     defaults = {"report_source": "iu", "images_per_study": 1, "studies_per_subject": 1.5,
                 "split_fractions": [0.8, 0.1, 0.1], "jpeg_quality": 95, "finding_prior": None}
     defaults.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
                      if k not in ("workers", "progress")})
     wanted.update(defaults)
-    if have is not None and all(have.get(k) == v for k, v in wanted.items()) and (out / MANIFEST_NAME).is_file():
+    have = world_parameters(out)
+    if reuse_or_clear(out, WORLD, lambda _: have is not None and all(have.get(k) == v for k, v in wanted.items())):
         return None, False
-    remove_world(out)
     return write_world(out, num_studies, seed, image_size=image_size, **kwargs), True
 
 

@@ -77,7 +77,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import sys
@@ -91,6 +90,7 @@ import numpy as np
 from PIL import Image
 
 from mlip_core.data.downstream import TRANSFER_SPLIT_FILE
+from mlip_core.data.manifest import Layout, finish_write, read_manifest, remove_written, reuse_or_clear, start_write
 from mlip_core.data.reportgen import PRIOR, sample_findings
 from mlip_core.data.synth_findings import DEVICE_KINDS, FINDING_TO_CHEXPERT, Finding
 from mlip_core.data.synth_render import Patient, Rendered, render, sample_patient, sample_scene
@@ -127,6 +127,11 @@ _WORLD_PATHS: dict[str, tuple[str, ...]] = {
     "covidx": ("train.txt", "val.txt", "test.txt", "train", "val", "test"),
     "object_cxr": ("train.csv", "dev.csv", "train", "dev"),
 }
+# A transfer world owns its folder: anything else there is refused, never written beside.
+TRANSFER = Layout(MANIFEST_NAME, tuple(dict.fromkeys(p for paths in _WORLD_PATHS.values() for p in paths)),
+                  what="transfer world", ensure="ensure_transfer_world", exclusive=True,
+                  hint="Pass an empty or new folder for the transfer world (or delete that folder's contents "
+                       "yourself).")
 # (train, validation or None, test) split names; default validation and test fractions (test None: automatic).
 _SPLIT_NAMES: dict[str, tuple[str, str | None, str]] = {
     "chexpert": ("train", None, "valid"), "siim": ("train", "validate", "test"),
@@ -565,51 +570,6 @@ def _parameters(task: str, num_images: int, seed: int, image_size: int, min_test
             "test_fraction": None if test_fraction is None else float(test_fraction)}
 
 
-def _holds_files(folder: Path) -> bool:
-    """Whether ``folder`` holds any file or link (empty sub-folders do not count); stops at the first one."""
-    return folder.is_dir() and any(p.is_file() or p.is_symlink() for p in folder.rglob("*"))
-
-
-def _holds_something(path: Path) -> bool:
-    return path.is_file() or path.is_symlink() or (path.is_dir() and any(path.iterdir()))
-
-
-def _files_under(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
-
-
-def _write_manifest(out: Path, manifest: dict) -> None:
-    from mlip_core.checkpoint import atomic_write
-
-    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    atomic_write(out / MANIFEST_NAME, lambda fh: fh.write(text), mode="w")
-
-
-def _read_manifest(out: Path) -> dict | None:
-    path = out / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        task = manifest["task"]
-        created = [str(c) for c in manifest["created"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FileExistsError(f"{path} is unreadable ({exc}); nothing was removed. Delete the world folder "
-                              "yourself or point the world at an empty folder.") from exc
-    if task not in TRANSFER_TASKS or any(c not in _WORLD_PATHS[task] for c in created):
-        raise FileExistsError(f"{path} names paths the {task!r} world writer never creates ({created}); nothing "
-                              "was removed. Delete the world folder yourself or point the world at an empty folder.")
-    return manifest
-
-
-def _foreign_error(out: Path) -> FileExistsError:
-    return FileExistsError(
-        f"{out} is not empty and holds no {MANIFEST_NAME}, so this project did not write it: nothing was touched. "
-        "Pass an empty or new folder for the transfer world (or delete that folder's contents yourself).")
-
-
 def _validate(task: str, num_images: int, image_size: int, min_test_positives: int, workers: int) -> None:
     _check_task(task)
     if num_images < 1:
@@ -637,17 +597,9 @@ def write_transfer_world(task: str, out_dir: str | os.PathLike, num_images: int,
     t0 = time.perf_counter()
     _validate(task, num_images, image_size, min_test_positives, workers)
     out = Path(out_dir)
-    if (out / MANIFEST_NAME).exists():
-        raise FileExistsError(f"{out} already holds a transfer world ({MANIFEST_NAME}): write into an empty folder, "
-                              "or call ensure_transfer_world, which reuses or replaces a world this project wrote.")
-    if out.exists() and (not out.is_dir() or _holds_files(out)):
-        raise _foreign_error(out)
     items = _plan(task, num_images, seed, min_test_positives, test_fraction)  # ValueErrors before any write
     params = _parameters(task, num_images, seed, image_size, min_test_positives, test_fraction)
-    created = list(_WORLD_PATHS[task])
-    out.mkdir(parents=True, exist_ok=True)
-    # Written first: a writer killed half-way leaves a manifest that names what it had begun to create.
-    _write_manifest(out, {"complete": False, "task": task, "parameters": params, "created": created})
+    manifest = start_write(out, TRANSFER, _WORLD_PATHS[task], task=task, parameters=params)
 
     args = (str(out), image_size, seed)
     pool = None
@@ -717,9 +669,7 @@ def write_transfer_world(task: str, out_dir: str | os.PathLike, num_images: int,
                                    patients=len({it.patient for it in items}), splits=splits, positives=positives,
                                    instances=instances)
     recorded = {k: v for k, v in asdict(summary).items() if k not in ("out_dir", "seconds")}  # path-free
-    files = sorted(str(p.relative_to(out)) for name in created for p in _files_under(out / name))
-    _write_manifest(out, {"complete": True, "task": task, "parameters": params, "summary": recorded,
-                          "created": created, "files": files})
+    finish_write(out, TRANSFER, manifest, summary=recorded)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -727,7 +677,7 @@ def write_transfer_world(task: str, out_dir: str | os.PathLike, num_images: int,
 def transfer_world_parameters(out_dir: str | os.PathLike) -> dict | None:
     """The parameters recorded in ``out_dir``'s manifest, or None when it holds no complete transfer world."""
     try:
-        manifest = _read_manifest(Path(out_dir))
+        manifest = read_manifest(out_dir, TRANSFER)
     except FileExistsError:
         return None
     if manifest is None or not manifest.get("complete"):
@@ -737,50 +687,9 @@ def transfer_world_parameters(out_dir: str | os.PathLike) -> dict | None:
 
 def remove_transfer_world(out_dir: str | os.PathLike) -> int:
     """Remove the transfer world in ``out_dir``: exactly the files its manifest lists, then the folders they leave
-    empty, then the manifest. Anything else stays. A writer killed half-way left an incomplete manifest: the
-    paths it had begun to create are its own (the writer starts only in an empty folder) and are removed whole.
-    A non-empty folder without a manifest is refused (``FileExistsError``). Returns the number of files removed."""
-    import shutil
-
-    out = Path(out_dir)
-    manifest = _read_manifest(out)
-    if manifest is None:
-        if _holds_files(out):
-            raise _foreign_error(out)
-        return 0
-    created = [str(c) for c in manifest["created"]]
-    removed = 0
-    if manifest.get("complete"):
-        for rel in manifest.get("files", []):
-            parts = Path(rel).parts
-            if Path(rel).is_absolute() or ".." in parts or not parts or parts[0] not in created:
-                continue  # never outside the world's own paths
-            target = out / rel
-            if target.is_file() and not target.is_symlink():
-                target.unlink()
-                removed += 1
-        for name in created:  # prune the folders the listed files left empty, deepest first
-            top = out / name
-            if top.is_dir() and not top.is_symlink():
-                for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                    if not any(d.iterdir()):
-                        d.rmdir()
-                if not any(top.iterdir()):
-                    top.rmdir()
-    else:
-        for name in created:
-            target = out / name
-            removed += len(_files_under(target))
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.is_file():
-                target.unlink()
-    (out / MANIFEST_NAME).unlink()
-    leftovers = [name for name in created if _holds_something(out / name)]
-    if leftovers:
-        raise FileExistsError(f"{out}: {', '.join(leftovers)} still hold files the transfer world writer did not "
-                              "write; they were kept. Move them away or point the world at another folder.")
-    return removed
+    empty, then the manifest (:func:`mlip_core.data.manifest.remove_written`). Anything else stays. A non-empty
+    folder without a manifest is refused (``FileExistsError``). Returns the number of files removed."""
+    return remove_written(out_dir, TRANSFER)
 
 
 def ensure_transfer_world(task: str, out_dir: str | os.PathLike, num_images: int, seed: int, image_size: int = 96,
@@ -795,30 +704,10 @@ def ensure_transfer_world(task: str, out_dir: str | os.PathLike, num_images: int
     _validate(task, num_images, image_size, min_test_positives, workers)
     _split_sizes(task, num_images, min_test_positives, test_fraction)  # too small: fail before removing anything
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise _foreign_error(out)
-    manifest = _read_manifest(out)
     wanted = _parameters(task, num_images, seed, image_size, min_test_positives, test_fraction)
-    if manifest is not None:
-        ours = {MANIFEST_NAME, *manifest["created"]}
-        foreign = sorted(p.name for p in out.iterdir()
-                         if p.name not in ours and (p.is_file() or p.is_symlink() or _holds_files(p)))
-        if foreign:
-            raise FileExistsError(f"{out} holds a transfer world and also {', '.join(foreign)}, which it did not "
-                                  "write: nothing was touched. Move them away or point the world at another folder.")
-    if manifest is None:
-        if _holds_files(out):
-            raise _foreign_error(out)
-    elif (manifest.get("complete") and manifest.get("parameters") == wanted and "summary" in manifest
-          and all((out / rel).is_file() for rel in manifest.get("files", []))):
-        summary = TransferWorldSummary(out_dir=str(out), **manifest["summary"])
-        return summary, False
-    else:
-        remove_transfer_world(out)
-        if _holds_files(out):
-            raise FileExistsError(f"{out}: the old transfer world was removed but the folder still holds files it "
-                                  f"did not write ({', '.join(sorted(p.name for p in out.iterdir()))}); they were "
-                                  "kept. Move them away or point the world at another folder.")
+    reused = reuse_or_clear(out, TRANSFER, lambda m: m.get("parameters") == wanted and "summary" in m)
+    if reused is not None:
+        return TransferWorldSummary(out_dir=str(out), **reused["summary"]), False
     summary = write_transfer_world(task, out, num_images, seed, image_size=image_size, workers=workers,
                                    progress=progress, min_test_positives=min_test_positives,
                                    test_fraction=test_fraction)
