@@ -108,7 +108,7 @@ def test_missing_image_is_a_counted_skip_and_corrupt_image_a_cache_skip(tmp_path
     truncate(__import__("pathlib").Path(broken), keep=0.3)
     pairs, report = load_mimic_pairs(tmp_path)
     assert report.counts() == {"missing image file": 1}
-    ds, report = MimicPretrainDataset.from_root(tmp_path, image_size=32, cache_dir=tmp_path / "cache")
+    ds, report = MimicPretrainDataset.from_root(tmp_path, image_size=32, cache_dir=tmp_path / "cache", cache_workers=2)
     assert report.counts()["undecodable image"] == 1
     assert len(ds) == len(pairs) - 1
     assert broken not in ds.pairs["image_path"].tolist()
@@ -183,5 +183,86 @@ def test_reports_are_read_from_a_separate_tree_or_straight_from_the_zip(tmp_path
     from_dir, report = load_mimic_pairs(root, reports_root=other)
     assert len(report) == 0 and from_dir["text"].tolist() == expected["text"].tolist()
     (root / "mimic-cxr-reports.zip").unlink()
-    _, report = load_mimic_pairs(root)
-    assert report.counts() == {"missing report file": len(tree["studies"])}
+    # Reports nowhere: an error that names the places looked in and the fix, not a skip per study.
+    with pytest.raises(FileNotFoundError, match=r"no MIMIC-CXR report of these studies in .*mimic-cxr-reports\.zip"
+                                                r".*--reports DIR_OR_ZIP") as err:
+        load_mimic_pairs(root)
+    assert f"s{tree['studies'][0]}.txt" in str(err.value)
+
+
+def _reports_apart(tmp_path):
+    """A MIMIC-CXR-JPG tree without reports, and the reports as a files/ tree and as a zip elsewhere."""
+    import shutil
+    import zipfile
+
+    root = tmp_path / "jpg"
+    tree = make_mimic_tree(root, n_subjects=3, studies_per_subject=2)
+    other = tmp_path / "mimic-cxr" / "2.0.0"
+    reports = sorted((root / "files").rglob("s*.txt"))
+    with zipfile.ZipFile(tmp_path / "mimic-cxr-reports.zip", "w") as zf:
+        for r in reports:
+            zf.write(r, "files/" + r.relative_to(root / "files").as_posix())
+            (other / r.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(r, other / r.relative_to(root))
+    return tree, root, other, tmp_path / "mimic-cxr-reports.zip"
+
+
+@pytest.mark.parametrize("where", ["no files/", "files/ itself", "images only", "zip of other studies", "not a zip"])
+def test_a_reports_root_without_these_reports_is_an_error_naming_it_and_the_fix(tmp_path, where):
+    import zipfile
+
+    tree, root, other, archive = _reports_apart(tmp_path)
+    bad = {"no files/": other.parent, "files/ itself": other / "files", "images only": root,
+           "zip of other studies": tmp_path / "other.zip", "not a zip": tmp_path / "reports.tar"}[where]
+    if where == "zip of other studies":
+        with zipfile.ZipFile(bad, "w") as zf:
+            zf.writestr("files/p19/p19999999/s59999999.txt", "FINDINGS: clear.")
+    if where == "not a zip":
+        bad.write_bytes(b"not a zip")
+    hint = {"no files/": "no files/ folder", "files/ itself": "files/ folder itself: pass its parent",
+            "images only": "none of these studies' reports is there", "zip of other studies": "reports is there",
+            "not a zip": "not a .zip"}[where]
+    with pytest.raises((FileNotFoundError, ValueError)) as err:
+        load_mimic_pairs(root, reports_root=bad)
+    assert str(bad) in str(err.value) and hint in str(err.value) and "DIR_OR_ZIP" in str(err.value)
+    good, report = load_mimic_pairs(root, reports_root=other)
+    assert len(report) == 0 and len(good) == sum(1 for _, _, s in tree["frontal"] if s == "train")
+
+
+def test_finding_the_reports_lists_no_subject_folder(tmp_path, monkeypatch):
+    """Default discovery looks up a few expected report paths; a glob over files/p*/p*/ listed every subject
+    folder of an images-only tree (65k on real MIMIC-CXR-JPG) before moving on to mimic-cxr-reports.zip."""
+    import os
+    import shutil
+
+    tree, root, _, archive = _reports_apart(tmp_path)
+    shutil.copy(archive, root / "mimic-cxr-reports.zip")
+    listed = []
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        listed.append(str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    pairs, report = load_mimic_pairs(root, split=None)
+    assert len(report) == 0 and len(pairs) == len(tree["frontal"])
+    assert not [p for p in listed if p.startswith(str(root / "files"))]
+
+
+def test_check_cli_reads_reports_kept_apart_with_reports(tmp_path, capsys):
+    from mlip_core.data.check import main
+
+    tree, root, other, archive = _reports_apart(tmp_path)
+    for where in (other, archive):
+        assert main(["--dataset", "mimic", "--root", str(root), "--reports", str(where), "--no-verify-images"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        assert out[0].endswith(f"reports={where}") and out[-1] == f"usable={len(tree['frontal'])} skipped=0"
+    assert main(["--dataset", "mimic", "--root", str(root), "--no-verify-images"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == "usable=0 skipped=0"
+    assert "--reports DIR_OR_ZIP" in captured.err
+    assert main(["--dataset", "mimic", "--root", str(root), "--reports", str(other.parent)]) == 2
+    assert f"{other.parent}: no files/ folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--dataset", "siim", "--root", str(root), "--reports", str(other)])

@@ -1,6 +1,8 @@
 """Check a dataset root and report what a run would see.
 
     python -m mlip_core.data.check --dataset mimic --root /data/mimic-cxr-jpg/2.0.0
+    python -m mlip_core.data.check --dataset mimic --root /data/mimic-cxr-jpg/2.0.0 \
+        --reports /data/mimic-cxr/2.0.0/mimic-cxr-reports.zip
     python -m mlip_core.data.check --dataset siim --root /data/siim --no-verify-images
 
 Prints counts per split, every counted skip with its reason and file, and as the last line
@@ -51,7 +53,7 @@ def _split_tables(dataset: str, root: Path, args: argparse.Namespace) -> dict[st
     views = None if args.all_views else tuple(v.strip() for v in args.views.split(",") if v.strip())
     if dataset == "mimic":
         # Read once (the CSVs are shared by all splits), then group: skips are counted once.
-        df, report = load_mimic_pairs(root, split=None, views=views)
+        df, report = load_mimic_pairs(root, split=None, views=views, reports_root=args.reports)
         empty = SkipReport("mimic")
         return {s: (df[df["split"] == s], report if i == 0 else empty) for i, s in enumerate(SPLITS)}
     if dataset == "chexpert":
@@ -89,16 +91,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="the dataset folder (as downloaded); optional for iu, whose reports ship with torchxrayvision")
     ap.add_argument("--views", default="PA,AP", help="MIMIC views to keep (comma-separated ViewPosition values)")
     ap.add_argument("--all-views", action="store_true", help="MIMIC: keep every view (laterals too)")
+    ap.add_argument("--reports", type=Path, default=None, metavar="DIR_OR_ZIP",
+                    help="MIMIC: the reports when not under --root (MIMIC-CXR ships them apart from MIMIC-CXR-JPG): "
+                         "the folder that holds their files/ tree, or mimic-cxr-reports.zip")
     ap.add_argument("--no-verify-images", action="store_true", help="skip decoding every image (faster)")
     ap.add_argument("--progress", action="store_true", help="progress bar while decoding images")
     args = ap.parse_args(argv)
     args.dataset = ALIASES.get(args.dataset, args.dataset)
+    if args.reports is not None and args.dataset != "mimic":
+        ap.error("--reports is for --dataset mimic (MIMIC-CXR ships its reports apart from MIMIC-CXR-JPG)")
 
     if args.root is None:
         if args.dataset != "iu":
             ap.error(f"--root is required for {args.dataset}: the folder the dataset was downloaded to")
         return _check_iu_reports()
-    print(f"dataset={args.dataset} root={args.root}")
+    print(f"dataset={args.dataset} root={args.root}" + (f" reports={args.reports}" if args.reports else ""))
     if not args.root.is_dir():
         print(f"error: {args.root}: no such folder; pass --root the folder the dataset was downloaded to.",
               file=sys.stderr)

@@ -8,8 +8,9 @@ Real layout (PhysioNet), under ``root``::
     files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg
 
 Reports come from MIMIC-CXR (not -JPG) as ``files/p10/p10000032/s50414267.txt``; ``reports_root`` points at
-the folder holding that ``files/`` tree or at ``mimic-cxr-reports.zip`` itself (default: ``root``, then
-``root/mimic-cxr-reports``, then ``root/mimic-cxr-reports.zip``).
+the folder holding that ``files/`` tree or at ``mimic-cxr-reports.zip`` itself (default: the first of ``root``,
+``root/mimic-cxr-reports`` and ``root/mimic-cxr-reports.zip`` that holds any of the studies' reports). Reports
+found nowhere are an error that names the places and the fix; one missing report is a counted skip.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def read_csv_checked(path: Path, required: Sequence[str], **kwargs) -> pd.DataFr
     return df
 
 
+_REPORTS_FIX = ("pass the folder that holds MIMIC-CXR's files/p10/p10000032/s50414267.txt tree, or "
+                "mimic-cxr-reports.zip itself (reports_root= / --reports DIR_OR_ZIP).")
+
+
 def report_path(reports_root: Path, subject_id: int, study_id: int) -> Path:
     """``reports_root/files/p10/p10000032/s50414267.txt``."""
     sub = f"{int(subject_id)}"
@@ -133,26 +138,73 @@ def _read_labels(path: Path, report: SkipReport) -> tuple[pd.DataFrame, set[int]
     return out, set(df.loc[bad_rows.to_numpy(), "study_id"].tolist())
 
 
-class _Reports:
-    """Report texts from a ``files/`` tree or straight from PhysioNet's ``mimic-cxr-reports.zip``."""
+PROBE_STUDIES = 1000  # studies whose report is looked for, spread over the list, when deciding where reports are
 
-    def __init__(self, root: Path, reports_root: Path | None) -> None:
+
+class _Reports:
+    """Report texts from a ``files/`` tree or straight from PhysioNet's ``mimic-cxr-reports.zip``.
+
+    A place holds the reports when one of ``studies`` (up to :data:`PROBE_STUDIES` of them, spread over the
+    list) has its report there: a few ``stat`` calls, where a glob over ``files/p*/p*/`` would list every
+    subject folder of an images-only MIMIC-CXR-JPG tree (65k of them) before finding no report. A
+    ``reports_root`` that holds none, or no report found in any default place, is an error naming where it
+    looked and the fix, never a "missing report file" skip for every study.
+    """
+
+    def __init__(self, root: Path, reports_root: Path | None, studies: Sequence[tuple[int, int]] = ()) -> None:
         self.zip = None
         self.dir = root
-        cands = [Path(reports_root)] if reports_root is not None else [root, root / "mimic-cxr-reports",
-                                                                      root / "mimic-cxr-reports.zip"]
-        for cand in cands:
-            if cand.is_file() and cand.suffix == ".zip":
-                import zipfile
+        step = max(1, len(studies) // PROBE_STUDIES)
+        probe = [report_path(Path(""), a, b) for a, b in list(studies)[::step][:PROBE_STUDIES]]
+        if reports_root is not None:
+            reports_root = Path(reports_root)
+            if not reports_root.exists():
+                raise FileNotFoundError(f"{reports_root}: no such reports folder or zip; {_REPORTS_FIX}")
+            if reports_root.is_file() and reports_root.suffix != ".zip":
+                raise ValueError(f"{reports_root}: a file that is not a .zip; {_REPORTS_FIX}")
+            if reports_root.is_dir() and not (reports_root / "files").is_dir():
+                hint = ""
+                if reports_root.name == "files":
+                    hint = " (this is the files/ folder itself: pass its parent)"
+                elif (reports_root / "mimic-cxr-reports.zip").is_file():
+                    hint = f" (it holds {reports_root / 'mimic-cxr-reports.zip'}: pass that)"
+                raise FileNotFoundError(f"{reports_root}: no files/ folder in it{hint}; {_REPORTS_FIX}")
+            if not probe or self._open(reports_root, probe):
+                return
+            raise FileNotFoundError(f"{reports_root}: none of these studies' reports is there (looked for {len(probe)}, "
+                                    f"e.g. {probe[0].as_posix()}; a MIMIC-CXR-JPG folder holds images only); "
+                                    f"{_REPORTS_FIX}")
+        if not probe:  # no study to read: nothing to find
+            return
+        for cand in (root, root / "mimic-cxr-reports", root / "mimic-cxr-reports.zip"):
+            if ((cand.is_file() and cand.suffix == ".zip") or (cand / "files").is_dir()) and self._open(cand, probe):
+                return
+        raise FileNotFoundError(
+            f"{root}: no MIMIC-CXR report of these studies in {root / 'files'}, {root / 'mimic-cxr-reports' / 'files'} "
+            f"or {root / 'mimic-cxr-reports.zip'} (looked for {len(probe)}, e.g. {probe[0].as_posix()}). "
+            "MIMIC-CXR-JPG ships without the reports: put PhysioNet's mimic-cxr-reports.zip (from MIMIC-CXR) there, "
+            "or pass where they are: reports_root= / --reports DIR_OR_ZIP.")
 
-                self.zip = zipfile.ZipFile(cand)
-                self.zip_path = cand
-                # "…/files/p10/p10000032/s50414267.txt" -> member name, whatever the prefix
-                self.members = {"/".join(n.split("/")[-4:]): n for n in self.zip.namelist() if n.endswith(".txt")}
-                return
-            if (cand / "files").is_dir() and (reports_root is not None or any((cand / "files").glob("p*/p*/s*.txt"))):
-                self.dir = cand
-                return
+    def _open(self, cand: Path, probe: Sequence[Path]) -> bool:
+        """Use ``cand`` (a folder holding ``files/`` or a zip) if any probed report is in it; else leave it closed."""
+        if cand.is_file():
+            import zipfile
+
+            try:
+                zf = zipfile.ZipFile(cand)
+            except zipfile.BadZipFile as exc:
+                raise ValueError(f"{cand}: not a readable zip ({exc}); download mimic-cxr-reports.zip again.") from exc
+            # "…/files/p10/p10000032/s50414267.txt" -> member name, whatever the prefix
+            members = {"/".join(n.split("/")[-4:]): n for n in zf.namelist() if n.endswith(".txt")}
+            if any(p.as_posix() in members for p in probe):
+                self.zip, self.zip_path, self.members = zf, cand, members
+                return True
+            zf.close()
+            return False
+        if any((cand / p).is_file() for p in probe):
+            self.dir = cand
+            return True
+        return False
 
     def close(self) -> None:
         """Close the zip file, if one is open."""
@@ -186,7 +238,9 @@ def load_mimic_pairs(
 
     Columns: dicom_id, subject_id, study_id, split, view, image_path, text, text_source, and the 14
     CheXpert columns (float32, NaN = blank). ``split=None`` keeps all splits; ``views=None`` keeps all views.
-    Studies whose report is missing or has neither IMPRESSION nor FINDINGS are counted skips.
+    Studies whose report is missing or has neither IMPRESSION nor FINDINGS are counted skips; a
+    ``reports_root`` (folder holding ``files/``, or the zip) without any of their reports, or no reports under
+    ``root`` when it is not given, raises FileNotFoundError naming the place and the fix.
     """
     root = Path(root)
     report = SkipReport("mimic")
@@ -236,9 +290,10 @@ def load_mimic_pairs(
     df = df.merge(labels.drop(columns="subject_id"), on="study_id", how="left")
 
     # Report text, once per study.
-    source = _Reports(root, Path(reports_root) if reports_root else None)
+    studies = list(df[["subject_id", "study_id"]].drop_duplicates().itertuples(index=False, name=None))
+    source = _Reports(root, Path(reports_root) if reports_root else None, studies)
     texts: dict[int, tuple[str, str]] = {}
-    for subject_id, study_id in df[["subject_id", "study_id"]].drop_duplicates().itertuples(index=False):
+    for subject_id, study_id in studies:
         rp = source.where(subject_id, study_id)
         raw = source.read(subject_id, study_id)
         if raw is None:
@@ -300,12 +355,15 @@ class MimicPretrainDataset(Dataset):
         cache_dir: Path | str | None = None,
         cache_size: int | None = None,
         reports_root: Path | str | None = None,
+        cache_workers: int = 0,
     ) -> tuple[MimicPretrainDataset, SkipReport]:
-        """Read the pairs and, with ``cache_dir``, cache images at ``cache_size`` (default: ``image_size``)."""
+        """Read the pairs and, with ``cache_dir``, cache images at ``cache_size`` (default: ``image_size``),
+        decoding in ``cache_workers`` processes (0: this one)."""
         pairs, report = load_mimic_pairs(root, split=split, reports_root=reports_root)
         cache = None
         if cache_dir is not None:
-            cache = ImageCache(cache_dir, pairs["image_path"].tolist(), cache_size or image_size)
+            cache = ImageCache(cache_dir, pairs["image_path"].tolist(), cache_size or image_size,
+                               num_workers=cache_workers)
             report.extend(cache.skips)
         return cls(pairs, image_size=image_size, transform=transform, cache=cache), report
 

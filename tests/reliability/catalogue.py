@@ -410,6 +410,29 @@ def _(tmp: Path) -> str:
     return expect_error(lambda: load_mimic_pairs(root), (FileNotFoundError,), "mimic-cxr-2.0.0-split.csv", "point")
 
 
+@case("mimic-reports-nowhere", "mimic.load_mimic_pairs", "MIMIC-CXR-JPG without reports, none elsewhere named",
+      "error")
+def _(tmp: Path) -> str:
+    from mlip_core.data.mimic import load_mimic_pairs
+
+    tree = _mimic(tmp)
+    for path in (tree["root"] / "files").glob("p*/p*/s*.txt"):
+        path.unlink()
+    return expect_error(lambda: load_mimic_pairs(tree["root"]), (FileNotFoundError,), "mimic-cxr-reports.zip",
+                        "--reports DIR_OR_ZIP")
+
+
+@case("mimic-reports-root-without-files", "mimic.load_mimic_pairs", "reports_root: a folder with no files/ in it",
+      "error")
+def _(tmp: Path) -> str:
+    from mlip_core.data.mimic import load_mimic_pairs
+
+    tree, empty = _mimic(tmp), tmp / "reports"
+    empty.mkdir()
+    return expect_error(lambda: load_mimic_pairs(tree["root"], reports_root=empty), (FileNotFoundError,),
+                        str(empty), "no files/ folder", "pass")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CheXpert (mlip_core/data/downstream.py)
 def _chexpert(tmp: Path) -> dict:
