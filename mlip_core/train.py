@@ -770,7 +770,7 @@ class Trainer:
 
 
 def _pairs_dataset(config: Any, data_dir: Path, split: str, train_split: bool,
-                   reports_root: Path | None = None) -> tuple[Dataset, Any]:
+                   reports_root: Path | None = None, progress: bool = False) -> tuple[Dataset, Any]:
     """A :class:`MimicPretrainDataset` of one split (frontal ``views``), images cached when asked; reports from
     ``reports_root`` (a folder holding ``files/`` or ``mimic-cxr-reports.zip``) when given, else found in
     ``data_dir``."""
@@ -788,8 +788,10 @@ def _pairs_dataset(config: Any, data_dir: Path, split: str, train_split: bool,
         from mlip_core.data.cache import ImageCache
 
         tag = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:10]
+        # Decoded by the data loader's worker count, with a bar where the run shows its own.
         cache = ImageCache(workspace("cache", "images", f"pretrain_{tag}_{split}_{size}"),
-                           pairs["image_path"].tolist(), size)
+                           pairs["image_path"].tolist(), size, num_workers=tc.num_workers,
+                           progress=progress)
         skips.extend(cache.skips)
     transform = train_transform(size) if train_split else eval_transform(size)
     return MimicPretrainDataset(pairs, image_size=size, transform=transform, cache=cache), skips
@@ -857,8 +859,11 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
         raise FileNotFoundError(f"{reports_root}: no such reports folder or zip; pass the folder that holds the "
                                 "MIMIC-CXR reports' files/ tree or mimic-cxr-reports.zip itself")
     reports = Path(reports_root) if reports_root is not None else None
-    train_set, train_skips = _pairs_dataset(config, data_dir, "train", train_split=True, reports_root=reports)
-    val_set, val_skips = _pairs_dataset(config, data_dir, "validate", train_split=False, reports_root=reports)
+    bar = config.train.progress and (dist_info is None or dist_info.is_main)
+    train_set, train_skips = _pairs_dataset(config, data_dir, "train", train_split=True, reports_root=reports,
+                                            progress=bar)
+    val_set, val_skips = _pairs_dataset(config, data_dir, "validate", train_split=False, reports_root=reports,
+                                        progress=bar)
     for name, skips in (("train", train_skips), ("validate", val_skips)):
         if len(skips) and (dist_info is None or dist_info.is_main):
             log.warning("%s split of %s: %s", name, data_dir, skips.summary() if hasattr(skips, "summary") else skips)

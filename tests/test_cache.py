@@ -219,3 +219,20 @@ def test_a_full_disk_is_an_error_before_decoding_and_no_preallocation_is_no_erro
     monkeypatch.setattr(os, "posix_fallocate", unsupported)
     cache = ImageCache(tmp_path / "c", paths, 24)
     assert cache.rebuilt and np.array_equal(cache[2], load_uint8(paths[2], 24))
+
+
+def test_an_unfinished_build_folder_with_foreign_files_is_refused_untouched(tmp_path):
+    from mlip_core.data.cache import ImageCache
+
+    part = tmp_path / ".partial"
+    (part / "done").mkdir(parents=True)
+    (part / "build.json").write_text("{}")
+    (part / "done" / "0000000000.json").write_text("{}")
+    (part / "my_notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match=r"\.partial: an unfinished image-cache build folder holding files no "
+                                           r"build writes .*my_notes.txt.*nothing was removed"):
+        ImageCache._remove_partial(part)
+    assert (part / "my_notes.txt").read_text() == "mine" and (part / "build.json").exists()
+    (part / "my_notes.txt").unlink()
+    ImageCache._remove_partial(part)
+    assert not part.exists()

@@ -227,7 +227,25 @@ class ImageCache:
         _fsync_dir(self.directory)
         # json.dumps (C encoder) then one write: json.dump into the file would encode 377k paths in Python.
         atomic_write(self.directory / INDEX_NAME, lambda fh: fh.write(json.dumps(index)), "w")
-        shutil.rmtree(part, ignore_errors=True)
+        self._remove_partial(part)
+
+    @staticmethod
+    def _remove_partial(part: Path) -> None:
+        """Remove an unfinished build's folder, which holds only what a build writes (``build.json``, the data
+        file, ``done/<start>.json`` and their temporaries); anything else there is refused, named, untouched."""
+        if not part.exists():
+            return
+        own_top = {"build.json", DATA_NAME, "done"}
+        foreign = [p for p in part.iterdir() if p.name not in own_top and not
+                   (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        done = part / "done"
+        if done.is_dir():
+            foreign += [p for p in done.iterdir() if not (p.suffix == ".json" or p.name.endswith(".tmp"))]
+        if foreign or part.is_symlink() or not part.is_dir():
+            raise RuntimeError(f"{part}: an unfinished image-cache build folder holding files no build writes "
+                               f"(e.g. {foreign[:3] or [part]}); nothing was removed. Move them out of the cache "
+                               "folder (the project owns workspace/cache), then run again")
+        shutil.rmtree(part)
 
     def _partial_build(self, part: Path) -> dict[int, dict]:
         """The finished chunks {first slot: record} of an interrupted build of these inputs in ``part``; any
@@ -253,7 +271,7 @@ class ImageCache:
                 if ok:
                     done[a] = r
             return done
-        shutil.rmtree(part, ignore_errors=True)
+        self._remove_partial(part)
         (part / "done").mkdir(parents=True)
         _reserve(data, n * s * s)
         atomic_write(part / "build.json", lambda fh: fh.write(json.dumps(ident)), "w")
