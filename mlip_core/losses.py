@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 NEG = -1.0e4  # a finite "minus infinity" for masked logits: exp underflows to 0, no NaN from 0 * -inf
 
@@ -232,6 +233,79 @@ def clipped_attention_weights(attn: Tensor, mask: Tensor | None = None, low: flo
     return w / w.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+class _AttendContrast(torch.autograd.Function):
+    """``sum_n w_n (log p_row + log p_col)_nn`` of :func:`attend_and_contrast` with a hand-written backward:
+    ``forward(queries, keys, query_mask, key_mask, w, 1/tau, normalize)`` -> (total (), row hits (B,N) bool,
+    attention (B,N,M)).
+
+    Autograd's version of the same formula spent as long in element-wise passes over its (B,N,N) and (B,N,d)
+    intermediates as in its products. Here each intermediate is formed once: ``|c_k|^2 = a_k^T G a_k`` with
+    each sample's key Gram matrix G = K K^T (never the (N,d) context; GLoRIA's loss below uses the same
+    identity), the two softmaxes of the (N,N) logits are kept for the backward (their log at the diagonal is
+    the loss), and the backward is six batched products and a few fused passes."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, query_mask, key_mask, w, inv_tau, normalize):
+        att = torch.bmm(queries, keys.transpose(1, 2)).mul_(inv_tau)  # (B, N, M) = q . k / tau
+        if key_mask is not None:  # masked keys get attention exactly 0 (exp underflows)
+            att.masked_fill_(~key_mask[:, None, :], NEG)
+        attn = torch.softmax(att, dim=-1)
+        # s_nk = (q_n / tau) . c_k = sum_m att_nm attn_km: an (N,M,N) product instead of forming q / tau
+        raw = torch.bmm(att, attn.transpose(1, 2))  # (B, N_query, N_context)
+        ag = cn2 = r = None
+        sim = raw
+        if normalize:  # q . c/|c|: scale the (N,N) columns
+            ag = torch.bmm(attn, torch.bmm(keys, keys.transpose(1, 2)))  # G a_k, (B, N, M)
+            cn2 = torch.linalg.vecdot(attn, ag)  # (B, N)
+            r = cn2.clamp_min(1e-24).rsqrt_()
+            sim = raw * r[:, None, :]
+        if query_mask is not None:  # invalid queries leave every row's and every column's softmax
+            pad = (~query_mask).to(sim.dtype).mul_(NEG)
+            sim = sim.add_(pad[:, None, :]) if normalize else sim + pad[:, None, :]  # raw is kept when normalised
+            sim.add_(pad[:, :, None])
+        p_row, p_col = torch.softmax(sim, 2), torch.softmax(sim, 1)
+        d_row, d_col = p_row.diagonal(dim1=1, dim2=2), p_col.diagonal(dim1=1, dim2=2)
+        tiny = torch.finfo(sim.dtype).tiny * 2**20  # below, log(p) loses digits: take the log-softmax itself
+        # (one host sync; a loss of > 70 nats per token is rare enough that the log-softmaxes are not worth it)
+        if bool(((d_row < tiny) | (d_col < tiny)).any()):
+            lp = torch.log_softmax(sim, 2).diagonal(dim1=1, dim2=2) + torch.log_softmax(sim, 1).diagonal(dim1=1, dim2=2)
+        else:
+            lp = torch.log(d_row) + torch.log(d_col)
+        hit = sim.diagonal(dim1=1, dim2=2) >= sim.amax(2)  # the row's argmax is its own context
+        ctx.save_for_backward(queries, keys, w, att, attn, raw, ag, cn2, r, p_row, p_col, lp)
+        ctx.inv_tau, ctx.normalize = inv_tau, normalize
+        ctx.mark_non_differentiable(hit, attn)
+        return torch.linalg.vecdot(w.reshape(-1), lp.reshape(-1)), hit, attn
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _d_hit, _d_attn):
+        queries, keys, w, att, attn, raw, ag, cn2, r, p_row, p_col, lp = ctx.saved_tensors
+        # d total / d sim_nk = 2 w_n [n=k] - w_n p_row_nk - w_k p_col_nk
+        d_sim = p_row * (-g * w)[:, :, None]
+        d_sim.addcmul_(p_col, (-g * w)[:, None, :]).diagonal(dim1=1, dim2=2).add_(2 * g * w)
+        d_raw = d_sim
+        if ctx.normalize:
+            d_raw = d_sim * r[:, None, :]
+            d_r = torch.linalg.vecdot(d_sim, raw, dim=1)  # (B, N)
+            d_cn2 = d_r.mul_(r.pow(3)).mul_(-0.5).masked_fill_(cn2 < 1e-24, 0.0)
+        d_attn = torch.bmm(d_raw.transpose(1, 2), att)  # raw = att attn^T
+        d_att = torch.bmm(d_raw, attn)
+        if ctx.normalize:
+            d_attn.addcmul_(ag, d_cn2[:, :, None], value=2.0)  # |c|^2 = a^T G a
+            d_gram = torch.bmm(attn.transpose(1, 2), attn * d_cn2[:, :, None])  # (B, M, M), symmetric
+        d_att += torch._softmax_backward_data(d_attn, attn, 2, attn.dtype)  # masked keys: attn 0, gradient 0
+        d_att.mul_(ctx.inv_tau)
+        d_q = torch.bmm(d_att, keys) if ctx.needs_input_grad[0] else None
+        d_k = None
+        if ctx.needs_input_grad[1]:
+            d_k = torch.bmm(d_att.transpose(1, 2), queries)
+            if ctx.normalize:
+                d_k.baddbmm_(d_gram, keys, alpha=2.0)  # G = K K^T
+        d_w = lp * g if ctx.needs_input_grad[4] else None
+        return d_q, d_k, None, None, d_w, None, None
+
+
 def attend_and_contrast(
     queries: Tensor,
     keys: Tensor,
@@ -250,34 +324,20 @@ def attend_and_contrast(
     of the sample's other queries, context n vs the other queries), invalid queries masked out of rows
     and columns. Returns (loss = sum(weights * (CE_row + CE_col) / 2) / B, accuracy of the row
     direction over valid queries, attention (B,N,M) detached). Both cross-entropies come from one
-    masked (B,N,N) matrix: the diagonals of its log-softmax along each axis.
+    masked (B,N,N) matrix: the diagonals of its softmax along each axis. Computed in float32 (or float64)
+    with a hand-written backward (:class:`_AttendContrast`); :func:`local_alignment_loop` is the reference.
     """
-    B, N = queries.shape[:2]
-    att = torch.baddbmm(queries.new_zeros(()), queries, keys.transpose(1, 2), beta=0.0, alpha=1.0 / temperature)
-    if key_mask is not None:  # masked keys get attention exactly 0 (exp underflows)
-        att = att.masked_fill(~key_mask.bool()[:, None, :], NEG)
-    attn = torch.softmax(att, dim=-1)  # (B, N, M)
-    # s_nk = (q_n / tau) . c_k = sum_m att_nm attn_km: an (N,M,N) product instead of forming q / tau
-    sim = torch.bmm(att, attn.transpose(1, 2))  # (B, N_query, N_context), already / tau
-    if normalize_context:  # q . c/|c|: scale the (N,N) columns instead of the (N,d) context
-        context = torch.bmm(attn, keys)
-        sim = sim * torch.rsqrt((context * context).sum(-1).clamp_min(1e-24))[:, None, :]
-    if query_mask is not None:
-        pad = (~query_mask.bool()).to(sim.dtype) * NEG
-        sim = sim + (pad[:, None, :] + pad[:, :, None])  # invalid columns leave every row's softmax
-        w = weights * query_mask
-    else:
-        w = weights
-    # CE(row) + CE(column) of each query: the diagonals of two fused log-softmaxes
-    lp = sim.log_softmax(2).diagonal(dim1=1, dim2=2) + sim.log_softmax(1).diagonal(dim1=1, dim2=2)
-    loss = (w * lp).sum() * (-0.5 / B)
+    qm = None if query_mask is None else query_mask.bool()
+    km = None if key_mask is None else key_mask.bool()
+    dtype = torch.promote_types(queries.dtype, torch.float32)  # half precision computes in float32
+    w = weights.to(dtype) if qm is None else weights.to(dtype) * qm
+    with torch.autocast(queries.device.type, enabled=False):
+        total, hit, attn = _AttendContrast.apply(queries.to(dtype), keys.to(dtype), qm, km, w, 1.0 / temperature,
+                                                 normalize_context)
+    loss = total * (-0.5 / queries.shape[0])
     with torch.no_grad():
-        hit = sim.argmax(2) == torch.arange(N, device=sim.device)
-        if query_mask is not None:
-            acc = (hit & query_mask.bool()).sum() / query_mask.sum().clamp_min(1)
-        else:
-            acc = hit.float().mean()
-    return loss, acc.float(), attn.detach()
+        acc = hit.float().mean() if qm is None else (hit & qm).sum() / qm.sum().clamp_min(1)
+    return loss.to(queries.dtype), acc.float(), attn.to(queries.dtype)
 
 
 class LocalAlignmentLoss(nn.Module):

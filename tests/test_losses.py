@@ -343,6 +343,41 @@ def test_mgca_local_loss_vectorised_equals_per_sample_loop():
     assert torch.allclose(word_only["loss"], LocalAlignmentLoss(0.1)(tokens, patches, mask, word_w)["loss"], atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize_patch_context", [True, False])
+def test_local_losses_hand_written_backward_equals_autograd_of_the_per_sample_loops(normalize_patch_context):
+    tokens, patches, mask, word_w, patch_w = (t.double() if t.is_floating_point() else t for t in mgca_inputs())
+    word_w = word_w.clone().requires_grad_()  # weights get a gradient too when they carry one
+
+    def grads(loss):
+        return torch.autograd.grad(loss, [tokens, patches, word_w])
+
+    tokens, patches = tokens.requires_grad_(), patches.requires_grad_()
+    ours = LocalAlignmentLoss(0.1)(tokens, patches, mask, word_w)["loss"]
+    ref = local_alignment_loop(tokens, patches, mask, word_w, 0.1)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    g_ours = grads(ours)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g_ours, grads(ref)))
+    assert g_ours[0][~mask].abs().max() == 0  # padding tokens get no gradient
+    # both MGCA directions, the patch->word one with masked keys (padded words) and an unnormalised context
+    out = MGCALocalLoss(0.1, normalize_patch_context=normalize_patch_context)(tokens, patches, mask, word_w, patch_w)
+    words = tokens.detach().clone().requires_grad_()
+    pat = patches.detach().clone().requires_grad_()
+    ref = 0.0
+    for b in range(4):
+        v = mask[b]
+        for q, k, w, norm in ((words[b][v], pat[b], word_w[b][v], True),
+                              (pat[b], words[b][v], patch_w[b], normalize_patch_context)):
+            c = torch.softmax(q @ k.T / 0.1, dim=-1) @ k
+            s = q @ (F.normalize(c, dim=-1) if norm else c).T / 0.1
+            tgt = torch.arange(q.shape[0])
+            ref = ref + 0.5 * ((w * F.cross_entropy(s, tgt, reduction="none")).sum()
+                               + (w * F.cross_entropy(s.T, tgt, reduction="none")).sum()) / 4
+    assert torch.allclose(out["loss"], ref, atol=1e-12)
+    ga = torch.autograd.grad(out["loss"], [tokens, patches, word_w])
+    gb = torch.autograd.grad(ref, [words, pat, word_w])
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ga, gb))
+
+
 def test_mgca_patch_direction_is_a_real_term_with_gradient_to_the_patches():
     tokens, patches, mask, word_w, patch_w = mgca_inputs()
     patches = patches.clone().requires_grad_()
