@@ -5,10 +5,11 @@
     python benchmarks/bench_train.py --synthetic --steps 6 --configs mlip --sizes ci
 
 Default (CPU): the real thing. A small offline world is written in a temporary folder and each config trains on
-it through ``mlip_core.train.train`` with chapter 05's ``ci`` parameters (``book/profiles/ci.yaml``): the image
-cache, the frozen text features computed once, the collator, augmentation, forward, backward, AdamW and the
-momentum update. Configs alternate over ``--rounds`` rounds; a step's time is read from the run's metrics (it
-includes fetching the batch) and the steps after the first two are kept. The last line is
+it through ``mlip_core.train.train`` with chapter 05's ``ci`` parameters (its parameters cell, with
+``book/profiles/ci.yaml``'s block on top): the image cache, the frozen text features computed once, the
+collator, augmentation, forward, backward, AdamW and the momentum update. Configs alternate over ``--rounds``
+rounds; a step's time is read from the run's metrics (it includes fetching the batch) and the steps after the
+first two are kept. The last line is
 ``train_time_ratio_mlip_vs_convirt=`` (time per pair, median of the rounds' ratios).
 
 ``--synthetic`` / ``--gpu``: batches are synthetic tensors already in the collator's output format, so the numbers
@@ -102,19 +103,38 @@ def bench(config: str, size: str, batch: int, steps: int, precision: str, device
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def ci_parameters(notebook: str = "05_pretraining") -> dict:
+    """The chapter's ci pretraining parameters: its parameters cell (which holds the ci values) with the ci
+    profile's block for it on top (profiles hold only differences), keys of PRETRAIN_PARAMETERS only."""
+    import ast
+
+    import jupytext
+    import yaml
+
+    from mlip_core.book import parse_parameters_cell
+    from mlip_core.config import PRETRAIN_PARAMETERS
+    from mlip_core.paths import book_dir, notebooks_dir
+
+    cells = [c for c in jupytext.read(notebooks_dir() / f"{notebook}.py").cells
+             if "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        raise SystemExit(f"notebooks/{notebook}.py has no parameters cell")
+    declared = parse_parameters_cell(cells[0].source, notebook)
+    params = {k: ast.literal_eval(p.default) for k, p in declared.items() if k in PRETRAIN_PARAMETERS}
+    block = (yaml.safe_load((book_dir() / "profiles" / "ci.yaml").read_text()) or {}).get(notebook) or {}
+    params.update({k: v for k, v in block.items() if k in PRETRAIN_PARAMETERS})
+    return params
+
+
 def bench_real(configs: list[str], steps: int, rounds: int, studies: int) -> list[dict]:
     """Rows of (config, round, seconds per pair, pairs/s) for the real ci training step (see the docstring)."""
     import os
 
-    import yaml
-
-    from mlip_core.config import PRETRAIN_PARAMETERS, pretrain_config
+    from mlip_core.config import pretrain_config
     from mlip_core.data.synth import write_world
-    from mlip_core.paths import book_dir
     from mlip_core.train import train
 
-    block = yaml.safe_load((book_dir() / "profiles" / "ci.yaml").read_text())["05_pretraining"]
-    params = {k: v for k, v in block.items() if k in PRETRAIN_PARAMETERS}
+    params = ci_parameters()
     params.update(max_steps=steps, checkpoint_every=0, progress=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
