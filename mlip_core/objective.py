@@ -64,9 +64,38 @@ class ProjectionHead(nn.Sequential):
         super().__init__(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
 
+def attend(mha: nn.MultiheadAttention, x: Tensor, keys: Tensor, key_padding_mask: Tensor | None = None,
+           index: Tensor | None = None) -> Tensor:
+    """``mha(x, keys, keys, key_padding_mask)[0]`` of a batch-first ``nn.MultiheadAttention`` (its weights,
+    ``F.scaled_dot_product_attention`` as its own forward uses): x (N,Lq,E), keys (B,Lk,E), mask (B,Lk) True =
+    ignore. With ``index`` (N,) query row i reads keys row ``index[i]``: keys and values are projected once per
+    key row (an image's patches), not once per query row that reads them."""
+    E, H = mha.embed_dim, mha.num_heads
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    q = F.linear(x, w[:E], None if b is None else b[:E])
+    kv = F.linear(keys, w[E:], None if b is None else b[E:])  # (B, Lk, 2E)
+    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
+    if index is not None:
+        kv = kv[index]
+        mask = None if mask is None else mask[index]
+    k, v = kv.chunk(2, dim=-1)
+
+    def heads(t: Tensor) -> Tensor:
+        return t.unflatten(-1, (H, E // H)).transpose(1, 2)  # (N, H, L, E/H)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask,
+                                         dropout_p=mha.dropout if mha.training else 0.0)
+    return mha.out_proj(out.transpose(1, 2).flatten(2))
+
+
 class FusionHead(nn.Module):
     """Report tokens attend to image patches (self- then cross-attention, as ALBEF's fusion encoder,
-    much smaller): tokens (B,L,Dt), mask (B,L), patches (B,P,Dp) -> fused first token (B,F)."""
+    much smaller): tokens (B,L,Dt), mask (B,L), patches (B,P,Dp) -> fused first token (B,F).
+
+    The layers are ``nn.TransformerDecoderLayer`` (pre-norm) and their forward is written out so that it does
+    only what the output needs, with the same arithmetic per position (:func:`attend` is their attention):
+    only the first token is read, so the last layer computes that position alone (its self-attention still
+    reads every token's keys and values)."""
 
     def __init__(self, text_dim: int, image_dim: int, dim: int, layers: int, heads: int) -> None:
         super().__init__()
@@ -78,14 +107,27 @@ class FusionHead(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor, patches: Tensor, projected: bool = False) -> Tensor:
-        """See class docstring; with ``projected`` the inputs already went through text_in / image_in
-        (project B samples once, then index them into the 3B ITM pairs)."""
+    def forward(self, tokens: Tensor, attention_mask: Tensor, patches: Tensor, projected: bool = False,
+                pairs: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """See class docstring; with ``projected`` the inputs already went through text_in / image_in. ``pairs``
+        = (text_index (N,), image_index (N,)): fuse those N (text, image) pairs of the B texts and B images
+        -> (N,F) (ITM's positives and hard negatives) at the cost of B texts and B images wherever a step reads
+        one of them alone: the first layer's self-attention (once per text) and every layer's keys and values
+        of the patches (once per image)."""
         x = tokens if projected else self.text_in(tokens)
         memory = patches if projected else self.image_in(patches)
         pad = ~attention_mask.bool()
-        for layer in self.layers:
-            x = layer(x, memory, tgt_key_padding_mask=pad)
+        images = None if pairs is None else pairs[1]
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            # pre-norm: x + SA(norm1 x); + CA(norm2 x, memory); + FF(norm3 x), as nn.TransformerDecoderLayer
+            y = layer.norm1(x)
+            q, x = (y[:, :1], x[:, :1]) if i == last else (y, x)
+            x = x + layer.dropout1(attend(layer.self_attn, q, y, pad))
+            if i == 0 and pairs is not None:
+                x, pad = x[pairs[0]], pad[pairs[0]]
+            x = x + layer.dropout2(attend(layer.multihead_attn, layer.norm2(x), memory, index=images))
+            x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))))
         return self.norm(x[:, 0])
 
 
@@ -201,20 +243,30 @@ class LocalTerm(Term):
         else:
             self.loss = LocalAlignmentLoss(lc.local_temperature)
 
-    def fuse_knowledge(self, tokens: Tensor, token_entity: Tensor, token_status: Tensor | None,
-                       entity_embeddings: Tensor) -> Tensor:
-        """(B,L,Dt) tokens + (B,L) entity (-1 none) and status -> tokens with knowledge added (see class doc)."""
+    def knowledge_offsets(self, token_entity: Tensor, token_status: Tensor | None, entity_embeddings: Tensor,
+                          weight: Tensor | None = None) -> Tensor:
+        """(B,L) entity (-1 none) and status -> (B,L,Dt) what knowledge fusion adds to each token (see class doc);
+        with ``weight`` (H,Dt) the offsets times ``weight^T`` -> (B,L,H): a linear layer after the fusion then
+        projects the (E,Dt) table and two status vectors instead of B*L tokens."""
+        table = self.knowledge_proj(entity_embeddings)  # (E, Dt): project E rows, not B*L tokens
+        status = self.status_embedding.weight  # (2, Dt): negated, uncertain
+        if weight is not None:
+            table, status = F.linear(table, weight), F.linear(status, weight)
         positive = token_entity >= 0
         if token_status is not None:
             positive = positive & (token_status == POSITIVE)
-        table = self.knowledge_proj(entity_embeddings)  # (E, Dt): project E rows, not B*L tokens
-        know = table[token_entity.clamp_min(0)] * positive.unsqueeze(-1).to(tokens.dtype)
+        know = table[token_entity.clamp_min(0)] * positive.unsqueeze(-1).to(table.dtype)
         if token_status is not None:
             negated = (token_entity >= 0) & (token_status == NEGATIVE)
             uncertain = (token_entity >= 0) & (token_status == UNCERTAIN)
-            know = know + negated.unsqueeze(-1).to(tokens.dtype) * self.status_embedding.weight[0] \
-                + uncertain.unsqueeze(-1).to(tokens.dtype) * self.status_embedding.weight[1]
-        return tokens + know
+            know = know + negated.unsqueeze(-1).to(table.dtype) * status[0] \
+                + uncertain.unsqueeze(-1).to(table.dtype) * status[1]
+        return know
+
+    def fuse_knowledge(self, tokens: Tensor, token_entity: Tensor, token_status: Tensor | None,
+                       entity_embeddings: Tensor) -> Tensor:
+        """(B,L,Dt) tokens + (B,L) entity (-1 none) and status -> tokens with knowledge added (see class doc)."""
+        return tokens + self.knowledge_offsets(token_entity, token_status, entity_embeddings).to(tokens.dtype)
 
     def positive_entities(self, batch: dict[str, Tensor]) -> Tensor | None:
         """(B,L) entity index of tokens in *positive* mentions, -1 elsewhere."""
@@ -231,9 +283,15 @@ class LocalTerm(Term):
         if self.fuse:
             if "token_entity" not in batch:
                 raise KeyError("the mlip local loss with knowledge fusion needs batch['token_entity'] (B,L)")
-            tokens = self.fuse_knowledge(tokens, batch["token_entity"], batch.get("token_status"),
-                                         model.entity_embeddings)
-        t, v = self.text_proj(tokens), self.image_proj(f["image_patches"])
+            first, *rest = self.text_proj  # W(t + k) + b = (W t + b) + W k: the tokens need no gradient
+            know = self.knowledge_offsets(batch["token_entity"], batch.get("token_status"), model.entity_embeddings,
+                                          first.weight)
+            t = first(tokens) + know.to(tokens.dtype)
+            for layer in rest:
+                t = layer(t)
+        else:
+            t = self.text_proj(tokens)
+        v = self.image_proj(f["image_patches"])
         if self.lc.local == "gloria":
             return t, v
         return F.normalize(t, dim=-1), F.normalize(v, dim=-1)
@@ -305,13 +363,9 @@ class ITMTerm(Term):
             exclude = same_finding_set(labels) if (self.lc.knowledge_negatives and labels is not None) else None
             tau = float(1.0 / f["logit_scale"].detach())
         neg_text, neg_image = mine_hard_negatives(sim, exclude, temperature=tau)
-        fusion = ctx.fusion
-        mask = f["attention_mask"]
-        t_in, v_in = fusion.text_in(f["text_tokens"]), fusion.image_in(f["image_patches"])
-        tokens = torch.cat([t_in, t_in[neg_text], t_in])
-        tmask = torch.cat([mask, mask[neg_text], mask])
-        patches = torch.cat([v_in, v_in, v_in[neg_image]])
-        logits = self.head(fusion(tokens, tmask, patches, projected=True))
+        rows = torch.arange(B, device=img.device)
+        pairs = (torch.cat([rows, neg_text, rows]), torch.cat([rows, rows, neg_image]))  # (text, image) per pair
+        logits = self.head(ctx.fusion(f["text_tokens"], f["attention_mask"], f["image_patches"], pairs=pairs))
         target = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
         return itm_loss(logits, target)
 

@@ -335,6 +335,44 @@ def test_knowledge_fusion_changes_only_entity_tokens_and_respects_negation(batch
     assert torch.allclose(as_positive[0, 7] - tokens[0, 7], knowledge[1], atol=1e-6)
 
 
+def test_local_embedding_projects_the_knowledge_table_instead_of_the_fused_tokens(batch):
+    torch.manual_seed(0)
+    model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0]).double()
+    local = model.objective.terms["local"]
+    f = {"text_tokens": torch.randn(*batch["input_ids"].shape, D_TINY, dtype=torch.float64),
+         "image_patches": torch.randn(4, 5, model.image_tower.patch_dim, dtype=torch.float64)}
+    t, v = local.embed(f, batch, model)
+    fused = local.fuse_knowledge(f["text_tokens"], batch["token_entity"], batch["token_status"],
+                                 model.entity_embeddings)
+    assert torch.allclose(t, F.normalize(local.text_proj(fused), dim=-1), atol=1e-12)
+    assert torch.allclose(v, F.normalize(local.image_proj(f["image_patches"]), dim=-1), atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_fusion_head_equals_torch_decoder_layers_on_the_first_token_and_on_itm_pairs(layers):
+    from mlip_core.objective import FusionHead
+
+    torch.manual_seed(0)
+    head = FusionHead(24, 20, 32, layers, 4).double().train()
+    tokens, patches = torch.randn(5, 9, 24, dtype=torch.float64), torch.randn(5, 7, 20, dtype=torch.float64)
+    mask = torch.arange(9)[None] < torch.tensor([9, 4, 7, 1, 9])[:, None]
+
+    def reference(t, m, p):  # every position through nn.TransformerDecoderLayer.forward
+        x, memory = head.text_in(t), head.image_in(p)
+        for layer in head.layers:
+            x = layer(x, memory, tgt_key_padding_mask=~m)
+        return head.norm(x[:, 0])
+
+    texts, images = torch.tensor([0, 1, 2, 3, 4, 3, 0, 2, 4]), torch.tensor([0, 1, 2, 3, 4, 0, 1, 4, 4])
+    for ours, ref in ((head(tokens, mask, patches), reference(tokens, mask, patches)),
+                      (head(tokens, mask, patches, pairs=(texts, images)),
+                       reference(tokens[texts], mask[texts], patches[images]))):
+        assert torch.allclose(ours, ref, atol=1e-12)
+        params = list(head.parameters())
+        grads = zip(torch.autograd.grad(ours.square().sum(), params), torch.autograd.grad(ref.square().sum(), params))
+        assert all(torch.allclose(a, b, atol=1e-10) for a, b in grads)
+
+
 def test_negated_mentions_are_not_up_weighted_in_the_local_loss(batch):
     torch.manual_seed(0)
     model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0])
