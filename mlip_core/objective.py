@@ -71,14 +71,13 @@ def attend(mha: nn.MultiheadAttention, x: Tensor, keys: Tensor, key_padding_mask
     ignore. With ``index`` (N,) query row i reads keys row ``index[i]``: keys and values are projected once per
     key row (an image's patches), not once per query row that reads them."""
     E, H = mha.embed_dim, mha.num_heads
-    w, b = mha.in_proj_weight, mha.in_proj_bias
-    q = F.linear(x, w[:E], None if b is None else b[:E])
-    kv = F.linear(keys, w[E:], None if b is None else b[E:])  # (B, Lk, 2E)
+    weights = mha.in_proj_weight.chunk(3)  # one backward (a cat) for the three, not three zero-filled slices
+    biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
+    q, k, v = (F.linear(t, w, b) for t, w, b in zip((x, keys, keys), weights, biases))
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
     if index is not None:
-        kv = kv[index]
-        mask = None if mask is None else mask[index]
-    k, v = kv.chunk(2, dim=-1)
+        k, v = k.index_select(0, index), v.index_select(0, index)
+        mask = None if mask is None else mask.index_select(0, index)
 
     def heads(t: Tensor) -> Tensor:
         return t.unflatten(-1, (H, E // H)).transpose(1, 2)  # (N, H, L, E/H)
@@ -249,19 +248,24 @@ class LocalTerm(Term):
         with ``weight`` (H,Dt) the offsets times ``weight^T`` -> (B,L,H): a linear layer after the fusion then
         projects the (E,Dt) table and two status vectors instead of B*L tokens."""
         table = self.knowledge_proj(entity_embeddings)  # (E, Dt): project E rows, not B*L tokens
-        status = self.status_embedding.weight  # (2, Dt): negated, uncertain
+        rows = [table]
+        if token_status is not None:
+            rows.append(self.status_embedding.weight)  # (2, Dt): negated, uncertain
+        rows.append(table.new_zeros(1, table.shape[1]))  # no knowledge
+        table = torch.cat(rows)
         if weight is not None:
-            table, status = F.linear(table, weight), F.linear(status, weight)
-        positive = token_entity >= 0
-        if token_status is not None:
-            positive = positive & (token_status == POSITIVE)
-        know = table[token_entity.clamp_min(0)] * positive.unsqueeze(-1).to(table.dtype)
-        if token_status is not None:
-            negated = (token_entity >= 0) & (token_status == NEGATIVE)
-            uncertain = (token_entity >= 0) & (token_status == UNCERTAIN)
-            know = know + negated.unsqueeze(-1).to(table.dtype) * status[0] \
-                + uncertain.unsqueeze(-1).to(table.dtype) * status[1]
-        return know
+            table = F.linear(table, weight)
+        # each token's row: its entity if a positive mention, the status vector if negated or uncertain, else zero
+        E = entity_embeddings.shape[0]
+        mentioned = token_entity >= 0
+        if token_status is None:
+            index = torch.where(mentioned, token_entity, E)
+        else:
+            index = torch.full_like(token_entity, E + 2)
+            index = torch.where(mentioned & (token_status == POSITIVE), token_entity, index)
+            index = torch.where(mentioned & (token_status == NEGATIVE), E, index)
+            index = torch.where(mentioned & (token_status == UNCERTAIN), E + 1, index)
+        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
 
     def fuse_knowledge(self, tokens: Tensor, token_entity: Tensor, token_status: Tensor | None,
                        entity_embeddings: Tensor) -> Tensor:
