@@ -174,17 +174,20 @@ class MLIP(nn.Module):
         self.num_updates += 1
         if not self.config.loss.divergence:
             return
-        online, mom = [], []
+        online, mom, bufs, bufs_m = [], [], [], []
         for a, b in self._momentum_pairs():
             for p, p_m in zip(a.parameters(), b.parameters()):
                 if p.requires_grad:  # frozen weights are equal in both copies and stay so
                     online.append(p.detach())
                     mom.append(p_m)
             for buf, buf_m in zip(a.buffers(), b.buffers()):
-                buf_m.copy_(buf)
-        # p_m + (1-m)(p - p_m) = m p_m + (1-m) p, one multi-tensor kernel (as timm's ModelEmaV3)
+                bufs.append(buf)
+                bufs_m.append(buf_m)
+        # p_m + (1-m)(p - p_m) = m p_m + (1-m) p, one multi-tensor kernel (as timm's ModelEmaV3); buffers copied
         if mom:
             torch._foreach_lerp_(mom, online, 1.0 - m)
+        if bufs:
+            torch._foreach_copy_(bufs_m, bufs)
 
     # -----------------------------------------------------------------------------------------
     def temperature(self) -> Tensor:
