@@ -188,17 +188,45 @@ def available_profiles(book: Path) -> list[str]:
     return sorted(p.stem for p in (book / "profiles").glob("*.yaml"))
 
 
-def load_profile(book: Path, profile: str) -> dict[str, dict[str, Any]]:
-    """Parameters per notebook for ``profile``; a bad name lists the valid ones."""
+def load_profile(book: Path, profile: str, _seen: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Parameters per notebook for ``profile``; a bad name lists the valid ones. A profile that starts with
+    ``extends: OTHER`` holds only what differs from OTHER (``fixtures`` is ``smoke`` with real-data roots)."""
     path = book / "profiles" / f"{profile}.yaml"
     if not path.is_file():
         valid = ", ".join(available_profiles(book)) or "(none found)"
         raise BookError(f"unknown profile {profile!r}: no file {path}. Valid profiles: {valid}; "
                        "use one of them with --profile")
     data = yaml.safe_load(path.read_text()) or {}
+    parent = data.pop("extends", None) if isinstance(data, dict) else None
     if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
         raise BookError(f"{path}: expected a mapping 'notebook_name: {{param: value, ...}}' at the top level")
-    return {name: dict(params or {}) for name, params in data.items()}
+    own = {name: dict(params or {}) for name, params in data.items()}
+    if parent is None:
+        return own
+    if not isinstance(parent, str) or parent in (*_seen, profile):
+        raise BookError(f"{path}: 'extends: {parent}' must name another profile, without a cycle")
+    merged = load_profile(book, parent, (*_seen, profile))
+    for name, params in own.items():
+        merged[name] = {**merged.get(name, {}), **params}
+    return merged
+
+
+FIXTURE_TREES = "{fixture_trees}"  # in a profile value: the folder of the real-format fixture trees
+
+
+def resolve_fixture_trees(params: dict[str, dict[str, Any]], folder: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Replace ``{fixture_trees}`` in the profile's string values with ``folder`` (default
+    ``workspace/fixture_trees``), writing the trees there first (:func:`mlip_core.data.fixture_trees.
+    ensure_fixture_trees`) when a value names them."""
+    if not any(isinstance(v, str) and FIXTURE_TREES in v for block in params.values() for v in block.values()):
+        return params
+    from mlip_core.data.fixture_trees import ensure_fixture_trees
+    from mlip_core.paths import workspace
+
+    folder = Path(folder) if folder is not None else workspace("fixture_trees", create=False)
+    ensure_fixture_trees(folder)
+    return {name: {k: v.replace(FIXTURE_TREES, str(folder)) if isinstance(v, str) else v for k, v in block.items()}
+            for name, block in params.items()}
 
 
 def toc_notebooks(book: Path) -> list[str]:
@@ -502,7 +530,7 @@ def run_book(
     book = book or default_book_dir()
     notebooks = notebooks or default_notebooks_dir()
     out_dir = out_dir or book / "notebooks"
-    profile_params = load_profile(book, profile)
+    profile_params = resolve_fixture_trees(load_profile(book, profile))
     all_names = toc_notebooks(book)
     stray = sorted(set(profile_params) - set(all_names))
     if stray:

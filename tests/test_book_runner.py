@@ -296,3 +296,30 @@ def test_list_shows_the_real_data_parameters(tmp_path):
                           "--notebooks-dir", str(nb_dir)], capture_output=True, text=True, check=True).stdout
     assert "real-data parameters" in out
     assert "08_seg: siim_root empty (the offline world instead of SIIM-ACR Pneumothorax); rsna_root empty" in out
+
+
+# ------------------------------------------------------------------------------ extends, and the fixture trees
+def test_a_profile_extends_another_and_holds_only_its_differences(tmp_path):
+    from mlip_core.book import load_profile
+
+    book, _ = make_book(tmp_path, {"01_a": GOOD, "02_b": GOOD},
+                        {"smoke": "01_a: {x: 2}\n02_b: {x: 3, label: b}\n", "mine": "extends: smoke\n02_b: {label: c}\n"})
+    assert load_profile(book, "mine") == {"01_a": {"x": 2}, "02_b": {"x": 3, "label": "c"}}
+    (book / "profiles" / "smoke.yaml").write_text("extends: mine\n")
+    with pytest.raises(BookError, match="without a cycle"):
+        load_profile(book, "mine")
+    (book / "profiles" / "mine.yaml").write_text("extends: nightly\n")
+    with pytest.raises(BookError, match="unknown profile 'nightly'"):
+        load_profile(book, "mine")
+
+
+def test_fixture_trees_placeholder_writes_the_trees_and_reaches_the_notebook(tmp_path, monkeypatch):
+    from mlip_core.data.fixture_trees import fixture_roots
+
+    monkeypatch.setenv("MLIP_WORKSPACE", str(tmp_path / "ws"))
+    book, nb_dir = make_book(tmp_path, {"08_seg": REAL}, {"fixtures": '08_seg:\n  siim_root: "{fixture_trees}/siim"\n'})
+    logged: list[str] = []
+    run_book("fixtures", book=book, notebooks=nb_dir, out_dir=tmp_path / "out", log=logged.append)
+    siim = fixture_roots(tmp_path / "ws" / "fixture_trees")["siim_root"]
+    assert (siim / "train-rle.csv").is_file()
+    assert f"08_seg: siim_root={siim}" in next(line for line in logged if line.startswith("[book] real data"))

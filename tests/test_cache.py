@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
-from dataset_fixtures import truncate, write_dicom, write_jpg, write_png
+from mlip_core.data.fixture_trees import truncate, write_dicom, write_jpg, write_png
 
 from mlip_core.data.cache import ImageCache
 from mlip_core.data.images import load_uint8

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dataset_fixtures import make_object_cxr_tree, make_rsna_tree
+from mlip_core.data.fixture_trees import make_object_cxr_tree, make_rsna_tree
 from mlip_core.data.downstream import DetectionDataset, load_object_cxr, load_rsna
 from mlip_core.transfer.classify import Encoder, build_tower
 from mlip_core.transfer.detect import (

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from dataset_fixtures import (
+from mlip_core.data.fixture_trees import (
     kaggle_mask2rle,
     make_chexpert_tree,
     make_covidx_tree,
@@ -239,7 +239,7 @@ def test_holdout_split_keeps_patients_together():
 # ---------------------------------------------------------------------------------------------- check CLI
 @pytest.mark.parametrize("dataset", ["chexpert", "rsna", "siim", "covidx", "object-cxr", "iu"])
 def test_check_cli_counts_usable_and_skipped_images_last(tmp_path, capsys, dataset):
-    from dataset_fixtures import truncate
+    from mlip_core.data.fixture_trees import truncate
 
     from mlip_core.data.check import main
 

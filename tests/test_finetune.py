@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dataset_fixtures import make_covidx_tree
+from mlip_core.data.fixture_trees import make_covidx_tree
 from mlip_core.data.skips import SkipReport
 from mlip_core.data.transforms import eval_transform
 from mlip_core.transfer.classify import (ClassificationTask, Encoder, auroc_per_label, build_tower, encoder_features,

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pydicom
 import pytest
-from dataset_fixtures import fake_radiograph, truncate, write_dicom, write_jpg, write_png
+from mlip_core.data.fixture_trees import fake_radiograph, truncate, write_dicom, write_jpg, write_png
 from PIL import Image
 
 from mlip_core.data.images import (

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from dataset_fixtures import CHEXPERT_14, make_mimic_tree, truncate
+from mlip_core.data.fixture_trees import CHEXPERT_14, make_mimic_tree, truncate
 
 from mlip_core.data.cache import ImageCache
 from mlip_core.data.mimic import MimicPretrainDataset, load_mimic_pairs

@@ -18,8 +18,7 @@ import pytest
 from mlip_core.data.synth import MANIFEST_NAME, ensure_world, remove_world, write_world
 from mlip_core.paths import repo_root
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_fixtures import make_mimic_tree  # noqa: E402
+from mlip_core.data.fixture_trees import ensure_fixture_trees, make_mimic_tree
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -40,6 +39,25 @@ def test_ensure_world_refuses_a_real_tree_and_keeps_every_byte(real_tree):
     with pytest.raises(FileExistsError, match=f"{real_tree}.*no {MANIFEST_NAME}"):
         ensure_world(real_tree, num_studies=4, seed=0, image_size=32)
     assert _digest(real_tree) == before
+
+
+def test_the_fixture_trees_writer_refuses_a_real_tree_and_rewrites_only_its_own(real_tree, tmp_path):
+    """The `fixtures` profile's trees share the rule: a folder the project did not write is refused untouched; its
+    own write is reused, and replaced (its files only) when the manifest is of another version."""
+    before = _digest(real_tree)
+    with pytest.raises(FileExistsError, match=f"{real_tree}.*no mlip-fixture-trees.json"):
+        ensure_fixture_trees(real_tree)
+    assert _digest(real_tree) == before
+    folder = tmp_path / "trees"
+    roots = ensure_fixture_trees(folder)
+    written = _digest(folder)
+    assert ensure_fixture_trees(folder) == roots and _digest(folder) == written  # reused, not rewritten
+    manifest = folder / "mlip-fixture-trees.json"
+    manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 0'))
+    (folder / "chexpert" / "mine.txt").write_text("a file the user put there")
+    with pytest.raises(FileExistsError, match="still hold files the fixture trees writer did not write"):
+        ensure_fixture_trees(folder)
+    assert (folder / "chexpert" / "mine.txt").read_text() == "a file the user put there"
 
 
 def test_write_world_refuses_a_real_tree_and_keeps_every_byte(real_tree):

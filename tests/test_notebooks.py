@@ -43,6 +43,78 @@ def test_notebook_runs_with_smoke_profile(name, book_workspace, tmp_path):
     assert (tmp_path / "executed" / f"{name}.ipynb").is_file()
 
 
+# ------------------------------------------------------------------------------ the real-data path (fixtures)
+def _real_data_chapters() -> list[str]:
+    """The chapters the `fixtures` profile changes: those whose real-data parameters it sets."""
+    smoke, fixtures = load_profile(book_dir(), "smoke"), load_profile(book_dir(), "fixtures")
+    return [n for n in NOTEBOOKS if fixtures.get(n, {}) != smoke.get(n, {})]
+
+
+REAL_DATA_CHAPTERS = _real_data_chapters()
+GRID_CHAPTER = "06_ablations"  # the chapters after it read its towers
+
+
+def _run_book(workspace, out, profile, names, *overrides):
+    env = {**os.environ, "MLIP_WORKSPACE": str(workspace), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "mlip_core.book", "--profile", profile, "--only", *names, "--out", str(out)]
+    proc = subprocess.run(cmd + [a for o in overrides for a in ("-p", o)], cwd=repo_root(), env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(names)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _outputs(nb) -> str:
+    return str([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])
+
+
+def _glued(nb, name: str):
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("metadata", {}).get("scrapbook", {}).get("name") == name:
+                return next(v for k, v in out["data"].items() if k.endswith("text/plain"))
+    raise AssertionError(f"nothing glued as {name!r}")
+
+
+@pytest.mark.notebook
+def test_real_data_chapters_run_with_the_fixtures_profile(book_workspace, tmp_path):
+    """Every chapter that reads real data runs with its roots pointed at the real-format fixture trees (MIMIC-CXR-JPG
+    with the reports in a separate zip, CheXpert, COVIDx, SIIM, RSNA, Object-CXR), in the smoke chain's workspace
+    (the transfer chapters read chapter 06's towers). It reads those trees, not the offline world, and with the
+    default ``publish_examples`` shows no image and no report text of them."""
+    import nbformat
+
+    from mlip_core.data.fixture_trees import fixture_roots
+    from mlip_core.notebook import withheld_line
+
+    assert {"05_pretraining", "07_classification", "08_segmentation", "09_detection"} <= set(REAL_DATA_CHAPTERS)
+    if not (book_workspace / "results" / "06_ablations_runs.csv").is_file():  # this test alone: the smoke chain
+        _run_book(book_workspace, tmp_path / "smoke", "smoke", NOTEBOOKS[: NOTEBOOKS.index(GRID_CHAPTER) + 1])
+    out = tmp_path / "executed"
+    proc = _run_book(book_workspace, out, "fixtures", REAL_DATA_CHAPTERS)
+    trees = fixture_roots(book_workspace / "fixture_trees")
+    assert all(p.exists() for p in trees.values())
+    assert "[book] real data, before the first chapter runs" in proc.stdout
+    executed = {n: nbformat.read(out / f"{n}.ipynb", as_version=4) for n in REAL_DATA_CHAPTERS}
+
+    # What each chapter read: the fixture trees' sizes, not the offline world's.
+    pre = _outputs(executed["05_pretraining"])
+    assert withheld_line("MIMIC-CXR", mimic_root="set", mimic_reports_root="set") in pre
+    assert "Lungs are clear" not in pre and "No acute process" not in pre, "report text in the executed chapter"
+    assert int(_glued(executed["07_classification"], "cls_test_images")) == 10  # the fixture's valid.csv
+    assert withheld_line("SIIM-ACR Pneumothorax", siim_root="set") in _outputs(executed["08_segmentation"])
+    assert withheld_line("RSNA Pneumonia", rsna_root="set") in _outputs(executed["09_detection"])
+    assert "object-cxr" in _outputs(executed["03_real_datasets"])
+    for name, nb in executed.items():
+        images = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("if show_examples(")
+                  and any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+        assert not images, f"{name}: an example image of a credentialed dataset was drawn"
+
+    # publish_examples: the same chapter shows its example pair (it resumes the finished run, no training).
+    again = _run_book(book_workspace, tmp_path / "published", "fixtures", ["05_pretraining"], "publish_examples=true")
+    published = _outputs(nbformat.read(tmp_path / "published" / "05_pretraining.ipynb", as_version=4))
+    assert "Lungs are clear" in published and "image/png" in published, again.stdout[-2000:]
+
+
 CHEAPEST = "00_quickstart"  # about 10 s with the smoke profile, no earlier chapter needed
 PROGRESS_BAR_MARKS = ("it/s]", "s/it]", "%|", "IProgress")
 
@@ -68,7 +140,7 @@ def test_chapter_page_has_no_progress_bars_and_the_run_logs_no_error(tmp_path):
     assert not bars, f"progress bars in the executed page: {bars}"
 
 
-@pytest.mark.parametrize("profile", ["smoke", "ci", "gpu", "full"])
+@pytest.mark.parametrize("profile", ["smoke", "fixtures", "ci", "gpu", "full"])
 def test_every_profile_value_is_declared_by_its_notebook_and_has_its_type(profile, tmp_path):
     from mlip_core.book import check_parameters, declared_parameters, type_error, to_ipynb
 

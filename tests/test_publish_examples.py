@@ -2,6 +2,9 @@
 ``publish_examples`` is set (the data-use agreements forbid redistribution); aggregate figures stay.
 
 The offline worlds (images drawn by the project, IU reports shipped openly in torchxrayvision) are free to show.
+The executed chapters on the real-format fixture trees are checked in tests/test_notebooks.py
+(``test_real_data_chapters_run_with_the_fixtures_profile``): no example image or report text by default, the
+example pair with ``publish_examples=true``.
 """
 
 from __future__ import annotations
@@ -77,61 +80,3 @@ def test_every_example_cell_of_a_real_data_chapter_is_guarded(name):
             guard = src.splitlines()[0]
             missing = [r for r in roots if f"{r}={r}" not in guard]
             assert not missing, f"{name}: {guard!r} does not pass {missing}"
-
-
-# ------------------------------------------------------------------------------ chapter 05 on a MIMIC tree
-@pytest.fixture(scope="module")
-def mimic_run(tmp_path_factory):
-    """A real-format MIMIC-CXR-JPG tree big enough for the smoke batch (8 train and 8 validate pairs), and one
-    workspace for both runs: the second resumes the first's finished training instead of training again."""
-    from dataset_fixtures import make_mimic_tree
-
-    base = tmp_path_factory.mktemp("publish")
-    tree = make_mimic_tree(base / "mimic", n_subjects=6)
-    workspace = base / "workspace"
-
-    def run(*overrides: str):
-        import nbformat
-
-        out = base / f"executed_{len(list(base.glob('executed_*')))}"
-        env = {**os.environ, "MLIP_WORKSPACE": str(workspace), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "mlip_core.book", "--profile", "smoke", "--only", "05_pretraining",
-             "--out", str(out), "-p", f"mimic_root={tree['root']}", *(a for o in overrides for a in ("-p", o))],
-            cwd=repo_root(), env=env, capture_output=True, text=True,
-        )
-        assert proc.returncode == 0, f"05_pretraining failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        return nbformat.read(out / "05_pretraining.ipynb", as_version=4)
-
-    return run
-
-
-def _example_cell(nb):
-    return next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("if show_examples("))
-
-
-def _mimes(cell) -> set[str]:
-    return {m for out in cell.get("outputs", []) for m in out.get("data", {})}
-
-
-REPORT_TEXT = ("Lungs are clear", "No acute process")  # in every report of make_mimic_tree
-
-
-@pytest.mark.notebook
-def test_chapter_05_on_mimic_shows_no_image_or_report_text_by_default(mimic_run):
-    nb = mimic_run()
-    example = _example_cell(nb)
-    assert "image/png" not in _mimes(example)
-    assert "examples withheld: MIMIC-CXR" in str(example.outputs)
-    everything = str([c.get("outputs", []) for c in nb.cells if c.cell_type == "code"])
-    leaked = [t for t in REPORT_TEXT if t in everything]
-    assert not leaked, f"report text in the executed chapter: {leaked}"
-    figures = [c for c in nb.cells if c.cell_type == "code" and "image/png" in _mimes(c)]
-    assert figures, "the aggregate figures (loss curves, schedule, retrieval) should stay"
-
-
-@pytest.mark.notebook
-def test_chapter_05_on_mimic_shows_the_example_pair_with_publish_examples(mimic_run):
-    example = _example_cell(mimic_run("publish_examples=true"))
-    assert "image/png" in _mimes(example)
-    assert all(t in str(example.outputs) for t in REPORT_TEXT)

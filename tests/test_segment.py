@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dataset_fixtures import make_siim_tree
+from mlip_core.data.fixture_trees import make_siim_tree
 from mlip_core.data.downstream import SegmentationDataset, load_siim
 from mlip_core.transfer.classify import Encoder, build_tower
 from mlip_core.transfer.segment import (

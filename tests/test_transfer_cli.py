@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 
 import pytest
-from dataset_fixtures import make_chexpert_tree, make_covidx_tree
+from mlip_core.data.fixture_trees import make_chexpert_tree, make_covidx_tree
 
 from mlip_core.checkpoint import write_image_tower_export
 from mlip_core.config import ImageTowerConfig

@@ -246,7 +246,7 @@ def test_ensure_reuses_then_replaces_only_its_own_files(tmp_path):
 
 def test_a_foreign_folder_is_refused_and_keeps_every_byte(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from dataset_fixtures import make_object_cxr_tree
+    from mlip_core.data.fixture_trees import make_object_cxr_tree
 
     real = tmp_path / "object-cxr"
     make_object_cxr_tree(real)

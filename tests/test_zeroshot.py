@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from dataset_fixtures import make_covidx_tree
+from mlip_core.data.fixture_trees import make_covidx_tree
 from mlip_core.data.downstream import CHEXPERT_5
 from mlip_core.data.skips import SkipReport
 from mlip_core.knowledge.graph import KnowledgeGraph

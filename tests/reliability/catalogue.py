@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: dataset_fixtures, toy_clip, ...
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: toy_clip, ...
 
-from dataset_fixtures import (  # noqa: E402
+from mlip_core.data.fixture_trees import (  # noqa: E402
     make_chexpert_tree,
     make_covidx_tree,
     make_iu_tree,

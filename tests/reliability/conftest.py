@@ -1,4 +1,4 @@
-"""Make tests/ importable (dataset_fixtures, toy_clip) for the catalogue, as tests/conftest.py does."""
+"""Make tests/ importable (toy_clip, toy_train_run) for the catalogue, as tests/conftest.py does."""
 
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
 """Builders of small dataset trees in the exact real on-disk formats (CSV columns, folders, DICOM, RLE).
 
-Each ``make_*`` writes into a folder the tests give it (``tmp_path``) and returns a dict describing what it
-wrote, so a test can check that a reader saw exactly that. Report texts are invented.
+Each ``make_*`` writes into a folder it is given and returns a dict describing what it wrote, so a test can check
+that a reader saw exactly that. Report texts and images are invented (no credentialed byte is in them).
+
+:func:`ensure_fixture_trees` writes one tree of every dataset the book's real-data parameters read (MIMIC-CXR-JPG
+with its reports in a separate ``mimic-cxr-reports.zip``, CheXpert, RSNA, SIIM, COVIDx, Object-CXR) into one
+folder, big enough for the ``smoke`` batch sizes and label fractions: the ``fixtures`` profile points every
+``*_root`` parameter at them, so the test suite executes the chapters along the real-data path.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from mlip_core.data.manifest import Layout, finish_write, reuse_or_clear, start_write
 
 CHEXPERT_14 = [
     "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
@@ -374,3 +381,57 @@ def make_iu_tree(root: Path, n: int = 4) -> dict:
             for i in ids:
                 write_png(root / "images" / f"{i}.png", seed=k)
     return {"root": root, "archive": archive, "image_ids": image_ids, "empty_uid": f"CXR{n}"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# All of them, for the `fixtures` profile of the book
+FIXTURE_TREES_VERSION = 1  # bump when a tree's content changes: ensure_fixture_trees then writes them again
+FIXTURE_TREES = Layout(
+    manifest="mlip-fixture-trees.json",
+    paths=("mimic-cxr-jpg", "mimic-cxr-reports.zip", "chexpert", "rsna", "siim", "covidx", "object-cxr"),
+    what="fixture trees", ensure="ensure_fixture_trees",
+    hint="Point the fixture trees at an empty folder (the fixtures profile uses workspace/fixture_trees).",
+    exclusive=True)
+
+
+def fixture_roots(folder: Path | str) -> dict[str, Path]:
+    """The book's real-data parameters (``mimic_root``, ...) and the trees in ``folder`` they point at."""
+    folder = Path(folder)
+    return {"mimic_root": folder / "mimic-cxr-jpg", "mimic_reports_root": folder / "mimic-cxr-reports.zip",
+            "chexpert_root": folder / "chexpert", "rsna_root": folder / "rsna", "siim_root": folder / "siim",
+            "covidx_root": folder / "covidx", "object_cxr_root": folder / "object-cxr"}
+
+
+def _reports_to_zip(jpg_root: Path, archive: Path) -> int:
+    """Move the reports out of a MIMIC-CXR-JPG tree into ``mimic-cxr-reports.zip`` (``files/pXX/pN/sM.txt``, the
+    layout of PhysioNet's zip), as MIMIC-CXR ships them apart from the JPG images."""
+    import zipfile
+
+    reports = sorted((jpg_root / "files").rglob("s*.txt"))
+    with zipfile.ZipFile(archive, "w") as zf:
+        for r in reports:
+            zf.write(r, "files/" + r.relative_to(jpg_root / "files").as_posix())
+            r.unlink()
+    return len(reports)
+
+
+def ensure_fixture_trees(folder: Path | str) -> dict[str, Path]:
+    """Write (or reuse, when a complete write of this version is there) every fixture tree in ``folder`` and return
+    :func:`fixture_roots`. The folder's manifest lists what was written; a folder this project did not write is
+    refused and left untouched (:mod:`mlip_core.data.manifest`)."""
+    folder = Path(folder)
+    roots = fixture_roots(folder)
+    if reuse_or_clear(folder, FIXTURE_TREES, lambda m: m.get("version") == FIXTURE_TREES_VERSION):
+        return roots
+    manifest = start_write(folder, FIXTURE_TREES, version=FIXTURE_TREES_VERSION)
+    # Six MIMIC subjects: 8 train and 8 validate frontal pairs (the smoke batch); the others enough patients for
+    # two label fractions, a validation holdout and a test split holding both classes of every label.
+    make_mimic_tree(roots["mimic_root"], n_subjects=6)
+    _reports_to_zip(roots["mimic_root"], roots["mimic_reports_root"])
+    make_chexpert_tree(roots["chexpert_root"], n_train=40, n_valid=10)
+    make_rsna_tree(roots["rsna_root"], n=40)
+    make_siim_tree(roots["siim_root"], n=40)
+    make_covidx_tree(roots["covidx_root"], n_train=36, n_test=12)
+    make_object_cxr_tree(roots["object_cxr_root"], n_train=24, n_dev=8)
+    finish_write(folder, FIXTURE_TREES, manifest)
+    return roots
