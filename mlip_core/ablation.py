@@ -30,7 +30,8 @@ def train_grid(names: Sequence[str], seeds: Iterable[int], params: dict[str, Any
     """Train every (config, seed) with the flat ``params`` (see :data:`mlip_core.config.PRETRAIN_PARAMETERS`;
     ``seed`` is set per run) and return one row per run: ``config, seed, run_dir, export, steps, train_s``
     (seconds of optimizer steps, summed from the metrics log) and the final validation retrieval (``i2t_R@K``,
-    ``t2i_R@K``). A run folder is named by its config's hash, so finished runs are read back, not retrained."""
+    ``t2i_R@K``). A run folder is named by the hash of its config and data, so finished runs are read back, not
+    retrained."""
     from mlip_core.train import run_folder, train
 
     rows = []
@@ -44,7 +45,8 @@ def train_grid(names: Sequence[str], seeds: Iterable[int], params: dict[str, Any
             # as the 40 training steps of an MLIP row.
             cfg.train.validation_losses = False
             t0 = time.perf_counter()
-            res = train(cfg, data_dir=data_dir, run_dir=run_folder(cfg, root), resume="auto")
+            res = train(cfg, data_dir=data_dir, run_dir=run_folder(cfg, root, data_dir=data_dir),
+                        resume="auto")
             val = res.val_history[-1] if res.val_history else {}
             rows.append({"config": name, "seed": int(seed), "run_dir": str(res.run_dir),
                          "export": str(res.export_path) if res.export_path else "", "steps": res.steps,

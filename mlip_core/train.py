@@ -892,15 +892,38 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
             "collate_fn": collate, "tokenizer": tokenizer, "graph": graph}
 
 
-def run_folder(config: Any, root: str | os.PathLike | None = None) -> Path:
-    """``ROOT/<name>_<hash of the whole config>`` (ROOT defaults to ``workspace("runs", "pretrain")``): a new
-    folder whenever a setting changes, the same one (so ``resume="auto"`` reuses the run) when none does."""
+def data_fingerprint(data_dir: str | os.PathLike) -> str:
+    """A short hash of what a MIMIC-CXR-JPG-layout folder holds for training: its split and label CSVs,
+    decompressed (so a rewritten ``.gz`` with a new timestamp is the same data). It follows the data, not its
+    path: a moved copy keeps the fingerprint, another dataset or another offline world gets another one."""
+    import gzip
+    import hashlib
+
+    from mlip_core.data.mimic import find_csv
+
+    digest = hashlib.sha1()
+    for stem in ("mimic-cxr-2.0.0-split", "mimic-cxr-2.0.0-chexpert"):
+        path = find_csv(Path(data_dir), stem)
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def run_folder(config: Any, root: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None) -> Path:
+    """``ROOT/<name>_<hash>`` (ROOT defaults to ``workspace("runs", "pretrain")``), the hash of the whole config and,
+    with ``data_dir``, of the data (:func:`data_fingerprint`): a new folder whenever a setting or the dataset
+    changes, the same one (so ``resume="auto"`` reuses the run) when neither does. Without ``data_dir`` a run on
+    one dataset would be resumed, finished, by the same config on another."""
     import hashlib
 
     from mlip_core.config import config_to_dict
     from mlip_core.paths import workspace
 
-    key = hashlib.sha1(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()[:10]
+    identity = config_to_dict(config)
+    if data_dir is not None:
+        identity = {"config": identity, "data": data_fingerprint(data_dir)}
+    key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return Path(root if root is not None else workspace("runs", "pretrain")) / f"{config.name}_{key}"
 
 

@@ -152,11 +152,11 @@ if show_examples("MIMIC-CXR", publish_examples, mimic_root=mimic_root, mimic_rep
 # %% [markdown]
 # ## Training
 #
-# Both models share every setting below except the loss configuration. A run lives in a folder named
-# after its configuration (a hash of it), so changing a parameter starts a new run and re-running
-# the notebook with the same parameters resumes the old one (`resume="auto"`). With `pretrained_run` set, the
-# chapter trains nothing: it reads the run folders you trained from a terminal (their own configs, metrics and
-# exported towers), and every cell below shows those runs.
+# Both models share every setting below except the loss configuration. A run lives in a folder named after its
+# configuration and its data (a hash of both), so changing a parameter or the dataset starts a new run and
+# re-running the notebook with the same parameters resumes the old one (`resume="auto"`). With `pretrained_run`
+# set, the chapter trains nothing: it reads the run folders you trained from a terminal (their own configs,
+# metrics and exported towers), and every cell below shows those runs.
 
 
 # %%
@@ -182,7 +182,8 @@ if pretrained_run:
 else:
     for name in configs.split(","):
         cfg = run_configs[name] = make_config(name)
-        results[name] = train(cfg, data_dir=world, run_dir=run_folder(cfg), resume="auto", reports_root=reports_root)
+        results[name] = train(cfg, data_dir=world, run_dir=run_folder(cfg, data_dir=world), resume="auto",
+                              reports_root=reports_root)
         if frozen_stages:
             print(f"{name}: stem and first {frozen_stages} stages of the image tower frozen at their ImageNet weights")
 

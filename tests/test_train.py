@@ -345,3 +345,27 @@ def test_a_finished_run_is_read_back_without_data(mlip_full_run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"not a finished run folder \(missing metrics.jsonl, "
                                                 r"export/image_tower.pt\).*--resume auto"):
         read_run(tmp_path)
+
+
+def test_a_run_folder_follows_the_data_not_its_path(tmp_path):
+    """The same config on another dataset gets another run folder (resume="auto" would otherwise hand back a run
+    finished on the first); a moved copy of the same data, or its CSVs gzipped, keeps the folder."""
+    import gzip
+    import shutil
+
+    from mlip_core.config import pretrain_config
+    from mlip_core.data.fixture_trees import make_mimic_tree
+    from mlip_core.train import run_folder
+
+    cfg = pretrain_config("mlip")
+    one = make_mimic_tree(tmp_path / "one", n_subjects=3, gz=False, seed=0)["root"]
+    other = make_mimic_tree(tmp_path / "other", n_subjects=3, gz=False, seed=1)["root"]
+    moved = shutil.copytree(one, tmp_path / "moved")
+    for csv in moved.glob("*.csv"):
+        with open(csv, "rb") as src, gzip.open(csv.with_name(csv.name + ".gz"), "wb") as dst:
+            dst.write(src.read())
+        csv.unlink()
+    folders = {name: run_folder(cfg, tmp_path / "runs", data_dir=root)
+               for name, root in (("one", one), ("other", other), ("moved", moved))}
+    assert folders["one"] == folders["moved"] != folders["other"]
+    assert folders["one"].name.startswith("mlip_") and folders["one"] != run_folder(cfg, tmp_path / "runs")
