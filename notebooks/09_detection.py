@@ -17,10 +17,11 @@
 # **What you will learn.** Whether the pretrained towers help a detector *find* findings with few labelled
 # boxes: a RetinaNet with a feature pyramid on each frozen tower learns to box lung opacities (RSNA Pneumonia's
 # task) from 1% and 10% of the training images, scored by mean average precision at the IoU threshold `0.5` and
-# averaged over the thresholds `0.40:0.05:0.75`, as MGCA and MLIP report RSNA.
+# averaged over the thresholds `0.40:0.05:0.75`, as MGCA and MLIP report RSNA; then the same detector on a second
+# task, foreign objects (Object-CXR's), where what must be found is metal, not disease.
 #
-# **What it needs.** The towers of chapter `06_ablations`. The RSNA-layout world is rendered here (with
-# `rsna_root` set, the real RSNA Pneumonia folder replaces it).
+# **What it needs.** The towers of chapter `06_ablations`. The RSNA- and Object-CXR-layout worlds are rendered
+# here (with `rsna_root` / `object_cxr_root` set, the real folders replace them).
 #
 # **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
 # records every chapter's wall time with each profile it executes, on the machine it ran on.
@@ -46,6 +47,10 @@ steps = 40  # two CPU cores; the gpu profile trains 1000
 batch_size = 16
 lr = 0.0005  # MGCA's
 rsna_root = ""  # folder of the RSNA Pneumonia data (stage_2_train_labels.csv, stage_2_train_images/); empty: offline
+object_cxr_images = 400  # the Object-CXR-layout world (boxed support devices, JPEG images)
+object_cxr_seed = 5
+object_cxr_image_size = 64
+object_cxr_root = ""  # folder of Object-CXR (train.csv, dev.csv, train/, dev/); empty: offline
 n_examples = 4  # test images in the figure of predicted boxes
 publish_examples = False  # with rsna_root set, draw the example images only if True (data-use terms)
 seed = 0
@@ -61,7 +66,7 @@ from matplotlib.patches import Rectangle
 from myst_nb import glue
 
 from mlip_core.ablation import by_pretraining_seed, differences_vs, grid_runs, init_encoders, run_encoders
-from mlip_core.data.downstream import dataset_splits, load_rsna
+from mlip_core.data.downstream import dataset_splits, load_object_cxr, load_rsna
 from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup, show_examples
 from mlip_core.paths import workspace
@@ -170,8 +175,6 @@ if show_examples("RSNA Pneumonia", publish_examples, rsna_root=rsna_root):
 # ## Which differences the seeds can tell apart
 
 # %%
-path = write_results(rows[["method", "task", "fraction", "seed", "metric", "value"]], "09_detection")
-print(f"{len(rows)} rows -> {path}")
 checks = pd.concat([differences_vs(summary[summary["method"].isin(method_list)], "convirt", "rsna_detection", metric,
                                    f).assign(fraction=f, metric=metric)
                     for metric in ("mAP@0.5", "mAP@0.4:0.75") for f in fractions], ignore_index=True)
@@ -225,3 +228,78 @@ print("\n".join(claims))
 # - **Boxes.** Ours are the exact extent of what was drawn; RSNA's were drawn by radiologists, with disagreement.
 # - **Detector.** MGCA uses YOLOv3 on ResNet-50; we use torchvision's RetinaNet with a feature pyramid on the
 #   tower (`mlip_core.transfer.detect` lists every difference, GroupNorm in the heads among them).
+
+
+# %% [markdown]
+# ## A second task: foreign objects (Object-CXR)
+#
+# Object-CXR (JF Healthcare, MIDL 2020 challenge) boxes foreign objects in chest radiographs: buttons, jewellery,
+# implants, as rectangles, ellipses and polygons in `train.csv` / `dev.csv` (`image_name,annotation`). MGCA
+# reports it beside RSNA. Its test images were never released, so the official `dev` set is scored as the test
+# set, as in MGCA. The offline world written in its layout boxes the support devices the renderer draws (tubes,
+# lines, pacemakers, sternotomy wires; one to three in about half the images). Every shape becomes its
+# bounding box, the detector and its training are the ones above, and only aggregate numbers are shown.
+
+# %%
+obj_root = object_cxr_root or workspace("transfer_worlds", "object_cxr")
+if not object_cxr_root:
+    ensure_transfer_world("object_cxr", obj_root, object_cxr_images, object_cxr_seed,
+                          image_size=object_cxr_image_size, workers=2)
+obj_tables = [load_object_cxr(obj_root, split) for split in ("train", "dev")]
+obj_df = pd.concat([table for table, _ in obj_tables], ignore_index=True)
+obj_data = detection_data(obj_df, size, cache_dir=workspace("cache", "detection"), task="object_cxr_detection")
+for _, obj_skips in obj_tables:
+    print(obj_skips.summary())
+print(obj_data.skips.summary())
+obj_splits = obj_data.df["split"].replace({"dev": "test"}).to_numpy()
+obj_n_boxes = np.array([len(b) for b in obj_data.boxes])
+glue("obj_test_images", int((obj_splits == "test").sum()), display=False)
+obj_data.df.assign(split=obj_splits, boxes_n=obj_n_boxes).groupby("split").agg(
+    images=("has_object", "size"), with_objects=("has_object", "sum"), boxes=("boxes_n", "sum"))
+
+# %%
+t0 = time.perf_counter()
+obj_rows = detection_sweep(baselines + [enc for _, _, enc in pretrained], obj_data, obj_splits, fractions=fractions,
+                           seeds=(0,), mode=mode, steps=steps, batch_size=batch_size, lr=lr,
+                           task="object_cxr_detection", id_col="image_name",
+                           feature_cache_dir=workspace("features", "detection"),
+                           split_dir=workspace("splits", "detection"), device=device)
+obj_rows = by_pretraining_seed(obj_rows, pretrained)
+print(f"{len(obj_rows) // 2} detectors trained in {(time.perf_counter() - t0) / 60:.1f} min")
+obj_summary = mean_std(obj_rows)
+pd.concat({metric: mean_std_table(obj_summary[obj_summary["metric"] == metric], order)
+           for metric in ("mAP@0.4:0.75", "mAP@0.5")}, axis=1)
+
+# %%
+obj_checks = pd.concat([differences_vs(obj_summary[obj_summary["method"].isin(method_list)], "convirt",
+                                       "object_cxr_detection", "mAP@0.4:0.75", f).assign(fraction=f)
+                        for f in fractions], ignore_index=True)
+obj_mean = obj_summary[obj_summary["metric"] == "mAP@0.4:0.75"].set_index(["method", "fraction"])
+obj_lines = []
+for f in fractions:
+    m, sd = obj_mean.loc[("mlip", f), "mean"], obj_mean.loc[("mlip", f), "std"]
+    others = {name: obj_mean.loc[(name, f), "mean"] for name in (baselines[0].name, "ImageNet init")}
+    obj_lines.append(f"at {f:.0%}: MLIP {m:.3f} ± {sd:.3f}; " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()))
+glue("obj_summary", "; ".join(obj_lines), display=False)
+glue("obj_n_beyond", int(obj_checks["exceeds"].sum()), display=False)
+glue("obj_n_checks", len(obj_checks), display=False)
+print("\n".join(obj_lines))
+obj_checks[["fraction", "method", "diff", "spread", "exceeds"]].round(4)
+
+# %% [markdown]
+# mAP (IoU `0.40–0.75`) for foreign objects on {glue:text}`obj_test_images` test images,
+# {glue:text}`obj_summary`; {glue:text}`obj_n_beyond` of the
+# {glue:text}`obj_n_checks` differences from ConVIRT exceed the spread of the pretraining seeds. Reports name
+# devices ("endotracheal tube in place"), so report-supervised towers have a reason to encode them; whether they
+# do more than the ImageNet tower, whose features know edges and thin bright lines, is what the table says. In
+# the real dataset the objects are mostly small, round and outside the lungs' findings vocabulary (buttons,
+# necklaces), which reports rarely mention.
+#
+# ## Results as data
+#
+# Both tasks' rows go to one table, `results/09_detection.csv`.
+
+# %%
+columns = ["method", "task", "fraction", "seed", "metric", "value"]
+path = write_results(pd.concat([rows[columns], obj_rows[columns]], ignore_index=True), "09_detection")
+print(f"{len(rows) + len(obj_rows)} rows -> {path}")

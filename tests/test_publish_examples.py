@@ -23,6 +23,10 @@ from mlip_core.notebook import examples_allowed, show_examples, withheld_line
 from mlip_core.paths import book_dir, repo_root
 
 NOTEBOOKS = toc_notebooks(book_dir())
+# Roots a chapter's example cells may leave out of their guard: the figures never show that dataset.
+NOT_IN_FIGURES = {
+    ("09_detection", "object_cxr_root"): "the example boxes are RSNA's; Object-CXR is reported as numbers only",
+}
 # A cell that draws an image (an overlay too) or prints report text.
 SHOWS_DATA = re.compile(r"imshow\(|overlay\(|\[\"(?:text|report)\"\]")
 # Chapters with a root parameter whose example cells never read what the root points at.
@@ -78,5 +82,5 @@ def test_every_example_cell_of_a_real_data_chapter_is_guarded(name):
         assert declared["publish_examples"].default == "False", f"{name}: publish_examples must default to False"
         for src in shows:
             guard = src.splitlines()[0]
-            missing = [r for r in roots if f"{r}={r}" not in guard]
+            missing = [r for r in roots if f"{r}={r}" not in guard and (name, r) not in NOT_IN_FIGURES]
             assert not missing, f"{name}: {guard!r} does not pass {missing}"
