@@ -23,6 +23,7 @@ help:
 # (torch, transformers, jupyter, ...), most of which no chapter imports.
 $(PY):
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --no-compile -e ".[dev]"
