@@ -19,14 +19,12 @@ help:
 	@echo "make check-lab  open a chapter in that lab in headless Chromium: notebook cells, the venv's kernel"
 	@echo "make clean  remove executed notebooks, the HTML book and caches (keeps .venv and workspace/)"
 
-# --no-compile: Python compiles what it imports on first use; pip would byte-compile every installed file
-# (torch, transformers, jupyter, ...), most of which no chapter imports.
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --no-compile -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
