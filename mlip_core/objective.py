@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlip_core.config import Config, LossConfig
+from mlip_core.knowledge.extract import NO_STATUS, STATUS_CODE
 from mlip_core.losses import (
     CategoryLoss,
     GloriaLocalLoss,
@@ -40,8 +41,8 @@ from mlip_core.losses import (
     swap_loss,
 )
 
-# token_status codes written by KnowledgeExtractor.encode
-POSITIVE, NEGATIVE, UNCERTAIN, NO_STATUS = 1, 0, -1, -2
+# token_status codes, as KnowledgeExtractor.encode writes them (one table, in the extractor)
+POSITIVE, NEGATIVE, UNCERTAIN = (STATUS_CODE[s] for s in ("positive", "negative", "uncertain"))
 
 
 @dataclass
