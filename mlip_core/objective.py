@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlip_core.config import Config, LossConfig
-from mlip_core.knowledge.extract import NO_STATUS, STATUS_CODE
+from mlip_core.knowledge.extract import STATUS_CODE
 from mlip_core.losses import (
     CategoryLoss,
     GloriaLocalLoss,
@@ -351,6 +351,7 @@ class ITMTerm(Term):
 
     name = "itm"
     uses_fusion = True
+    negatives_per_positive = 2  # each image's report is scored beside a hard-negative report and a hard-negative image
 
     def __init__(self, lc: LossConfig, dims: Dims) -> None:
         super().__init__()
@@ -371,7 +372,7 @@ class ITMTerm(Term):
         rows = torch.arange(B, device=img.device)
         pairs = (torch.cat([rows, neg_text, rows]), torch.cat([rows, rows, neg_image]))  # (text, image) per pair
         logits = self.head(ctx.fusion(f["text_tokens"], f["attention_mask"], f["image_patches"], pairs=pairs))
-        target = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+        target = torch.cat([torch.ones(B), torch.zeros(self.negatives_per_positive * B)]).long().to(logits.device)
         return itm_loss(logits, target)
 
 

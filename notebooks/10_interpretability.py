@@ -317,7 +317,7 @@ if att_run is None:
     print("no run with a local term in this grid: no attention maps")
 else:
     from mlip_core.knowledge.graph import KnowledgeGraph
-    from mlip_core.objective import NO_STATUS
+    from mlip_core.knowledge.extract import NO_STATUS
 
     graph = KnowledgeGraph.load_default()
     model, tok = load_run_model(att_run.run_dir, str(device))
