@@ -388,8 +388,9 @@ class SwapTerm(Term):
         self.head = nn.Linear(dims.fusion, 1)
 
     def forward(self, f, batch, ctx):
-        if "swap_input_ids" not in batch:
-            raise KeyError("config has loss.swap on but the batch has no swap_input_ids; use PretrainCollator")
+        if "swap_input_ids" not in batch and "swap_text_tokens" not in batch:
+            raise KeyError("config has loss.swap on but the batch has no swap_input_ids (nor precomputed "
+                           "swap_text_tokens); use PretrainCollator")
         tokens = ctx.model.encode_swap_tokens(batch, f["text_tokens"], self.lc.swap_text_grad)
         logit = self.head(ctx.fusion(tokens, batch["swap_attention_mask"], f["image_patches"])).squeeze(-1)
         return swap_loss(logit, batch["swap_label"])

@@ -799,10 +799,17 @@ def _pairs_dataset(config: Any, data_dir: Path, split: str, train_split: bool,
 
 class TextFeatureDataset(Dataset):
     """A pretraining dataset whose items also carry their report's precomputed text-tower outputs
-    (``text_tokens`` (L,Dt), ``text_sentence`` (Dt), ``text_cls_attention`` (L)), looked up by ``item["index"]``."""
+    (``text_tokens`` (L,Dt), ``text_sentence`` (Dt), ``text_cls_attention`` (L)), looked up by ``item["index"]``.
 
-    def __init__(self, base: Dataset, features: dict[str, torch.Tensor]) -> None:
+    With ``swap`` (:func:`frozen_swap_features`) each item also carries its text-swap pair, drawn here: with
+    probability ``swap_prob`` one of the report's precomputed swapped versions (``swap_label`` 1), else the
+    report itself (0), as ``swap_text_tokens`` (L,Dt), ``swap_attention_mask`` (L). The draw uses the torch
+    generator, which :class:`SeededDataset` seeds per (run seed, epoch, item): the same on every run and resume."""
+
+    def __init__(self, base: Dataset, features: dict[str, torch.Tensor], swap: dict[str, torch.Tensor] | None = None,
+                 swap_prob: float = 0.5) -> None:
         self.base, self.features = base, features
+        self.swap, self.swap_prob = swap, swap_prob
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -811,6 +818,16 @@ class TextFeatureDataset(Dataset):
         item = self.base[key]
         i = int(item["index"])
         item.update({k: v[i] for k, v in self.features.items()})
+        if self.swap is not None:
+            variant = int(torch.randint(self.swap["swap_label"].shape[0], ()))
+            drawn = float(torch.rand(())) < self.swap_prob and bool(self.swap["swap_label"][variant, i])
+            if drawn:
+                item["swap_text_tokens"] = self.swap["swap_text_tokens"][variant, i]
+                item["swap_attention_mask"] = self.swap["swap_attention_mask"][variant, i]
+            else:
+                item["swap_text_tokens"] = item["text_tokens"].to(self.swap["swap_text_tokens"].dtype)
+                item["swap_attention_mask"] = self.swap["attention_mask"][i]
+            item["swap_label"] = torch.tensor(int(drawn))
         return item
 
 
@@ -836,6 +853,63 @@ def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[
     enc = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
     feats = precompute_text_features(text_tower, enc, progress=progress)
     if getattr(text_tower, "pretrained", False):  # a random tower's features depend on the seed: never cached
+        ckpt_lib.atomic_torch_save(feats, path)
+    return feats
+
+
+def swapped_versions(collate: Any, texts: Sequence[str], variants: int, group_size: int,
+                     seed: int = 0) -> tuple[list[list[str]], torch.Tensor]:
+    """``variants`` swapped versions of every report, each built by ``collate.swap_texts`` (a
+    :class:`~mlip_core.data.collate.PretrainCollator`; ``collate`` itself is not touched) with the report's group
+    as the batch: seeded groups of ``group_size``, so donors are drawn as in a training batch. -> (texts[v][i],
+    labels (V,N) long, 1 = altered, 0 where nothing could be swapped)."""
+    import copy
+
+    builder = copy.copy(collate)
+    builder.swap_prob, builder.generator, builder.stats = 1.0, torch.Generator().manual_seed(seed), dict(collate.stats)
+    rng = np.random.default_rng(seed)
+    swapped, labels = [list(texts) for _ in range(variants)], torch.zeros(variants, len(texts), dtype=torch.long)
+    for v in range(variants):
+        order = rng.permutation(len(texts))
+        for start in range(0, len(order), group_size):
+            group = order[start:start + group_size]
+            out, lab = builder.swap_texts([texts[j] for j in group])
+            for j, t, y in zip(group, out, lab.tolist()):
+                swapped[v][j], labels[v, j] = t, y
+    return swapped, labels
+
+
+def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
+                         variants: int, group_size: int, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Text swapping for a wholly frozen text tower: the :func:`swapped_versions` of every report encoded once by
+    the tower. Returns ``swap_text_tokens`` (V,N,L,Dt) float16, ``swap_attention_mask`` (V,N,L), ``swap_label``
+    (V,N) and the reports' own ``attention_mask`` (N,L), L = ``max_length``. The versions depend on the texts and
+    ``seed`` only, not on the run's seed, so every run on a dataset shares one encoding, cached in
+    ``workspace("cache", "text")`` by a hash of the tower, the length and the swapped texts."""
+    import hashlib
+
+    from mlip_core.model.encoders import precompute_text_features
+    from mlip_core.paths import workspace
+
+    texts = [t if isinstance(t, str) else "" for t in texts]
+    swapped, labels = swapped_versions(collate, texts, variants, group_size, seed)
+    flat = [t for version in swapped for t in version]
+    key = hashlib.sha1(("\x00".join(flat) + f"|swap|{text_tower.name}|{max_length}").encode("utf-8")).hexdigest()[:16]
+    path = workspace("cache", "text") / f"{text_tower.name}_swap_{key}.pt"
+    cached = getattr(text_tower, "pretrained", False)  # a random tower's features depend on the seed: never cached
+    if path.exists() and cached:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn cache file: recompute and overwrite it
+            log.warning("swap feature cache %s unreadable; recomputing", path)
+    own = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+    enc = tokenizer(flat, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+    tokens = precompute_text_features(text_tower, enc, progress=progress)["text_tokens"]
+    N, L = len(texts), enc["input_ids"].shape[1]
+    feats = {"swap_text_tokens": tokens.half().view(variants, N, L, -1),
+             "swap_attention_mask": enc["attention_mask"].view(variants, N, L), "swap_label": labels,
+             "attention_mask": own["attention_mask"]}
+    if cached:
         ckpt_lib.atomic_torch_save(feats, path)
     return feats
 
@@ -877,17 +951,22 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
         entity_emb = embed_entities(TextTower(mc.text), tokenizer, graph.entity_texts(), max_length=mc.text.max_length)
     protos = [graph.entity_ids.index(i) for i in graph.finding_ids]
     model = MLIP(config, entity_emb, prototype_entities=protos)
+    collate = PretrainCollator(tokenizer, KnowledgeExtractor(graph), mc.text.max_length,
+                               config.train.swap_prob if lc.swap else 0.0, word_index=lc.local == "gloria")
     if mc.text.cache_features and model.text_tower.frozen:
         for ds in (train_set, val_set):
             if len(ds):
                 feats = frozen_text_features(model.text_tower, tokenizer, ds._texts, mc.text.max_length,
                                              progress=config.train.progress)
                 if ds is train_set:
-                    train_set = TextFeatureDataset(ds, feats)
+                    swap = None
+                    if lc.swap and config.train.swap_variants > 0 and config.train.swap_prob > 0:
+                        swap = frozen_swap_features(collate, model.text_tower, tokenizer, ds._texts,
+                                                    mc.text.max_length, config.train.swap_variants,
+                                                    config.train.batch_size, progress=config.train.progress)
+                    train_set = TextFeatureDataset(ds, feats, swap, config.train.swap_prob)
                 else:
                     val_set = TextFeatureDataset(ds, feats)
-    collate = PretrainCollator(tokenizer, KnowledgeExtractor(graph), mc.text.max_length,
-                               config.train.swap_prob if lc.swap else 0.0, word_index=lc.local == "gloria")
     return {"model": model, "train_set": train_set, "val_set": val_set if len(val_set) else None,
             "collate_fn": collate, "tokenizer": tokenizer, "graph": graph}
 

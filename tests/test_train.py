@@ -257,6 +257,23 @@ def test_mlip_resume_after_interruption_is_bitwise_equal(mlip_full_run, tiny_wor
     assert cut_hist == full_hist
 
 
+def test_mlip_with_a_frozen_text_tower_reads_cached_features_and_resumes_bitwise_equal(tiny_world, monkeypatch):
+    """The frozen-text path (text features and swapped reports encoded once, the swap drawn per item) is as
+    resumable as the path that encodes every step."""
+    from mlip_core.train import main, read_metrics
+
+    monkeypatch.setenv("MLIP_WORKSPACE", str(tiny_world / "ws"))
+    args = [*MLIP_ARGS, "--set", "model.text.freeze_layers=2", "--data", str(tiny_world / "world")]
+    assert main([*args, "--out", str(tiny_world / "frozen_full")]) == 0
+    assert main([*args, "--out", str(tiny_world / "frozen_cut"), "--stop-at-step", "3"]) == 0
+    assert main([*args, "--out", str(tiny_world / "frozen_cut"), "--resume", "auto"]) == 0
+    full_w, cut_w = _weights(tiny_world / "frozen_full", 4), _weights(tiny_world / "frozen_cut", 4)
+    assert all(torch.equal(full_w[k], cut_w[k]) for k in full_w)
+    hist = [[(r["step"], r["loss"], r["loss_swap"], r["swap_acc"]) for r in read_metrics(tiny_world / d, "step")]
+            for d in ("frozen_full", "frozen_cut")]
+    assert hist[0] == hist[1] and len(hist[0]) == 4
+
+
 def test_mlip_torchrun_two_gloo_processes_completes_and_global_terms_agree(tiny_world):
     """The real MLIP under torchrun (2 CPU processes, gloo) against one process, with frozen towers (BatchNorm in
     eval mode, no dropout: each sample's features do not depend on how the batch is split over ranks). Terms

@@ -9,7 +9,9 @@ Items are dicts ``{"image": (1,H,W), "text": str, "labels": (14,), "study_id": i
 NaN for blank), ``study_id``, ``index`` (B,) and, when ``swap_prob > 0``, the text-swap pairs
 ``swap_input_ids``, ``swap_attention_mask`` (B,L') and ``swap_label`` (B,) with 1 = report altered; with
 ``word_index`` the (B,L) word of each token; items that carry a frozen text tower's precomputed outputs
-(``text_tokens``, ``text_sentence``, ``text_cls_attention``) have them stacked.
+(``text_tokens``, ``text_sentence``, ``text_cls_attention``) have them stacked, and items that carry their
+text-swap pair already encoded (``swap_text_tokens``, ``swap_attention_mask``, ``swap_label``: see
+:class:`mlip_core.train.TextFeatureDataset`) have those stacked instead of swapping and tokenising here.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ except ImportError:  # pragma: no cover - reports.py ships with the package
 
 
 PRECOMPUTED_TEXT_KEYS = ("text_tokens", "text_sentence", "text_cls_attention")
+PRECOMPUTED_SWAP_KEYS = ("swap_text_tokens", "swap_attention_mask", "swap_label")
 
 
 def _norm(sentence: str) -> str:
@@ -186,7 +189,11 @@ class PretrainCollator:
         if self.word_index:
             batch["word_index"] = self.word_indices(texts)
         self.stats["reports"] += len(items)
-        if self.swap_prob > 0:
+        if all(key in items[0] for key in PRECOMPUTED_SWAP_KEYS):  # drawn and encoded by the dataset
+            for key in PRECOMPUTED_SWAP_KEYS:
+                batch[key] = torch.stack([torch.as_tensor(it[key]) for it in items])
+            self.stats["swapped"] += int(batch["swap_label"].sum())
+        elif self.swap_prob > 0:
             swapped, label = self.swap_texts(texts)
             enc = self.tokenizer(
                 swapped, max_length=self.max_length, truncation=True, padding=self.padding, return_tensors="pt"

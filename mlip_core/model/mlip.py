@@ -268,7 +268,13 @@ class MLIP(nn.Module):
     def encode_swap_tokens(self, batch: dict[str, Tensor], tokens: Tensor, with_grad: bool = False) -> Tensor:
         """Token features (B,L',Dt) of the swap reports. Rows whose swap text is the original report
         (same ids) reuse the batch's token features instead of a second forward pass; only altered
-        reports are encoded (without gradient unless ``with_grad``)."""
+        reports are encoded (without gradient unless ``with_grad``). A batch that carries them already encoded
+        by the frozen tower (``swap_text_tokens``, see :class:`mlip_core.train.TextFeatureDataset`) is read."""
+        if "swap_text_tokens" in batch:
+            if not self.text_tower.frozen:
+                raise ValueError("the batch carries precomputed swap features but the text tower trains; "
+                                 "precompute them only for a wholly frozen tower")
+            return batch["swap_text_tokens"].to(tokens.dtype)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         s_ids, s_mask = batch["swap_input_ids"], batch["swap_attention_mask"]
         B, Ls = s_ids.shape

@@ -1,0 +1,137 @@
+"""Text swapping with a frozen text tower: swapped reports built once per dataset and encoded once
+(``frozen_swap_features``) must give the fusion head what encoding them every step gives, and the per-item draw
+(``TextFeatureDataset``) must follow ``swap_prob``, pick a precomputed version, and repeat under the same seed."""
+
+from __future__ import annotations
+
+import torch
+
+from mlip_core.config import TextTowerConfig
+from mlip_core.data.collate import PretrainCollator
+from mlip_core.data.reports import split_sentences
+from mlip_core.knowledge.extract import KnowledgeExtractor
+from mlip_core.model.encoders import TextTower, build_tokenizer, precompute_text_features
+from mlip_core.train import SeededDataset, TextFeatureDataset, frozen_swap_features, swapped_versions
+
+# Invented report texts in the usual style (no IU or MIMIC text).
+REPORTS = [
+    "The heart is enlarged. Small left pleural effusion. No pneumothorax.",
+    "No acute cardiopulmonary abnormality. Lungs are clear.",
+    "Right lower lobe opacity concerning for pneumonia. Heart size is normal.",
+    "Mild pulmonary edema. Bilateral pleural effusions, larger on the right.",
+    "Stable cardiomegaly. No focal consolidation.",
+    "Left basilar atelectasis. No pleural effusion.",
+] * 3
+MAX_LENGTH = 40
+
+
+def frozen_tiny_tower() -> TextTower:
+    torch.manual_seed(0)
+    cfg = TextTowerConfig(name="tiny", tiny_hidden_size=32, freeze_layers=2, max_length=MAX_LENGTH)
+    tower = TextTower(cfg)
+    assert tower.frozen
+    return tower
+
+
+class Reports(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(REPORTS)
+
+    def __getitem__(self, i):
+        return {"index": i, "text": REPORTS[i]}
+
+
+def build(variants: int = 3):
+    tokenizer = build_tokenizer(TextTowerConfig(name="tiny"))
+    tower = frozen_tiny_tower()
+    collate = PretrainCollator(tokenizer, KnowledgeExtractor(), MAX_LENGTH, swap_prob=0.5)
+    swap = frozen_swap_features(collate, tower, tokenizer, REPORTS, MAX_LENGTH, variants, group_size=6, seed=0)
+    enc = tokenizer(REPORTS, max_length=MAX_LENGTH, truncation=True, padding="max_length", return_tensors="pt")
+    own = precompute_text_features(tower, enc)
+    return tokenizer, tower, collate, swap, own
+
+
+def test_swapped_versions_are_encoded_as_the_tower_encodes_their_text():
+    tokenizer, tower, collate, swap, own = build()
+    V, N, L, D = swap["swap_text_tokens"].shape
+    assert (V, N, L) == (3, len(REPORTS), MAX_LENGTH) and swap["swap_label"].shape == (V, N)
+    assert collate.stats["swapped"] == 0  # the collator the run uses is not touched
+    texts, labels = swapped_versions(collate, REPORTS, 3, group_size=6, seed=0)
+    assert torch.equal(labels, swap["swap_label"]) and labels.float().mean() > 0.9
+    for v in range(V):
+        for i in range(N):
+            assert (texts[v][i] != REPORTS[i]) == bool(labels[v, i])
+            # one finding sentence replaced: the same number of sentences, all but one kept
+            if labels[v, i]:
+                a, b = split_sentences(REPORTS[i]), split_sentences(texts[v][i])
+                assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+    enc = tokenizer([t for version in texts for t in version], max_length=MAX_LENGTH, truncation=True,
+                    padding="max_length", return_tensors="pt")
+    direct = precompute_text_features(tower, enc)["text_tokens"].view(V, N, L, D)
+    assert torch.equal(swap["swap_attention_mask"], enc["attention_mask"].view(V, N, L))
+    valid = swap["swap_attention_mask"].bool()
+    assert torch.allclose(swap["swap_text_tokens"].float()[valid], direct[valid], atol=1e-2)
+    # the groups are seeded: the same versions again, other versions with another seed
+    assert swapped_versions(collate, REPORTS, 3, group_size=6, seed=0)[0] == texts
+    assert swapped_versions(collate, REPORTS, 3, group_size=6, seed=1)[0] != texts
+
+
+def test_the_item_draw_follows_swap_prob_reads_a_precomputed_version_and_repeats():
+    _, _, _, swap, own = build()
+    data = SeededDataset(TextFeatureDataset(Reports(), own, swap, swap_prob=0.4), seed=7)
+    drawn, again = [], []
+    for epoch in range(40):
+        for i in range(len(REPORTS)):
+            item = data[(epoch, i)]
+            label = int(item["swap_label"])
+            drawn.append(label)
+            tokens = item["swap_text_tokens"].float()
+            if label:
+                assert any(torch.equal(item["swap_text_tokens"], swap["swap_text_tokens"][v, i])
+                           for v in range(swap["swap_label"].shape[0]) if swap["swap_label"][v, i])
+            else:
+                assert torch.allclose(tokens, own["text_tokens"][i], atol=1e-2)
+                assert torch.equal(item["swap_attention_mask"], swap["attention_mask"][i])
+            if epoch < 3:
+                again.append(int(data[(epoch, i)]["swap_label"]))
+    rate = sum(drawn) / len(drawn)
+    assert 0.33 < rate < 0.47, rate  # 0.4 * (share of versions with a swap) over 720 draws
+    assert again == drawn[: len(again)]  # the same (seed, epoch, item) draws the same
+
+
+def test_the_model_reads_precomputed_swap_tokens_as_if_it_had_encoded_the_swapped_reports():
+    from mlip_core.config import ImageTowerConfig, named_config
+    from mlip_core.model.mlip import MLIP
+
+    tokenizer = build_tokenizer(TextTowerConfig(name="tiny"))
+    cfg = named_config("mlip")
+    cfg.model.image = ImageTowerConfig(name="test_resnet", image_size=32)
+    cfg.model.text = TextTowerConfig(name="tiny", tiny_hidden_size=32, freeze_layers=2, max_length=MAX_LENGTH)
+    cfg.model.embed_dim, cfg.model.proj_hidden_dim, cfg.model.fusion_dim, cfg.model.num_free_prototypes = 16, 32, 32, 4
+    cfg.loss.local, cfg.loss.category = "none", False
+    torch.manual_seed(0)
+    model = MLIP(cfg)
+    collate = PretrainCollator(tokenizer, KnowledgeExtractor(), MAX_LENGTH, swap_prob=1.0,
+                               generator=torch.Generator().manual_seed(0))
+    items = [{"image": torch.rand(1, 32, 32), "text": t, "labels": torch.zeros(14), "index": i}
+             for i, t in enumerate(REPORTS[:6])]
+    batch = collate(items)
+    enc = tokenizer([tokenizer.decode(ids, skip_special_tokens=True) for ids in batch["swap_input_ids"]],
+                    max_length=MAX_LENGTH, truncation=True, padding="max_length", return_tensors="pt")
+    cached = {k: v for k, v in batch.items() if k not in ("swap_input_ids",)}
+    cached["swap_text_tokens"] = precompute_text_features(model.text_tower, enc)["text_tokens"].half()
+    cached["swap_attention_mask"] = enc["attention_mask"]
+    model.eval()
+    f = model.features(batch)
+    every_step = model.encode_swap_tokens(batch, f["text_tokens"])
+    once = model.encode_swap_tokens(cached, f["text_tokens"])
+    assert once.dtype == f["text_tokens"].dtype
+    for i in range(len(items)):  # the valid positions of each swapped report agree (fp16 storage)
+        n = int(batch["swap_attention_mask"][i].sum())
+        assert torch.allclose(once[i, :n], every_step[i, :n], atol=2e-2), i
+    swap = model.objective.terms["swap"]
+    from mlip_core.objective import Context, Progress
+
+    ctx = Context(model=model, fusion=model.objective.fusion, progress=Progress())
+    a, b = swap(f, batch, ctx)["loss"], swap(f, cached, ctx)["loss"]
+    assert torch.allclose(a, b, atol=1e-3)
