@@ -172,7 +172,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--precision", default="bf16")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--synthetic", action="store_true", help="synthetic batches on CPU (the engine alone)")
     p.add_argument("--rounds", type=int, default=2, help="real path: alternating rounds of the configs")

@@ -323,12 +323,13 @@ def _logged(key: str) -> bool:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
-    """Tensors of a batch to ``device`` (images optionally channels_last); other values unchanged."""
+    """Tensors of a batch to ``device`` (images and frozen-stage activations optionally channels_last); other
+    values unchanged."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, non_blocking=True)
-            if channels_last and k == "image" and v.ndim == 4:
+            if channels_last and k in ("image", "trunk", "trunk_fmap") and v.ndim == 4:
                 v = v.contiguous(memory_format=torch.channels_last)
         out[k] = v
     return out
@@ -651,7 +652,7 @@ class Trainer:
         for k, v in out.items():
             if _logged(k) and torch.is_tensor(v) and v.numel() == 1:
                 accum[k] = accum.get(k, 0.0) + float(v.detach()) / n
-        accum["_images"] = accum.get("_images", 0.0) + batch["image"].shape[0] * self.dist.world_size
+        accum["_images"] = accum.get("_images", 0.0) + batch["labels"].shape[0] * self.dist.world_size
 
     def _optimizer_step(self) -> None:
         """Unscale, clip, step, schedule, zero, then update the divergence encoder."""
@@ -857,6 +858,90 @@ def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[
     return feats
 
 
+class TrunkFeatureDataset(Dataset):
+    """A pretraining dataset whose items carry, instead of an image, the image tower's frozen-stage activations of
+    one of the image's precomputed augmented views (:func:`frozen_trunk_features`): ``trunk`` (C,h,w) and, when
+    the patch map lies among the frozen stages, ``trunk_fmap``. The view is drawn with the torch generator, which
+    :class:`SeededDataset` seeds per (run seed, epoch, item). ``images``: the :class:`MimicPretrainDataset` under
+    ``base``; it stops decoding images (``load_images = False``)."""
+
+    def __init__(self, base: Dataset, trunk: dict[str, torch.Tensor], images: Any) -> None:
+        self.base, self.trunk = base, trunk
+        self.views = int(trunk["trunk"].shape[0])
+        images.load_images = False
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> dict[str, Any]:
+        item = self.base[key]
+        i, v = int(item["index"]), int(torch.randint(self.views, ()))
+        item["trunk"] = self.trunk["trunk"][v, i]
+        if "trunk_fmap" in self.trunk:
+            item["trunk_fmap"] = self.trunk["trunk_fmap"][v, i]
+        elif bool(self.trunk.get("fmap_is_trunk", torch.tensor(False))):
+            item["trunk_fmap"] = item["trunk"]
+        return item
+
+
+@torch.no_grad()
+def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int = 0, batch_size: int = 64,
+                          progress: bool = False) -> dict[str, torch.Tensor]:
+    """``views`` augmented views of every image of ``dataset`` (a :class:`MimicPretrainDataset` with its
+    training transform; view v of image i drawn under a generator seeded by (seed, v, i)) through the tower's
+    stem and frozen stages (:meth:`~mlip_core.model.encoders.ImageTower.frozen_trunk`), stored in float16:
+    ``trunk`` (V,N,C,h,w), ``trunk_fmap`` (V,N,Cp,hp,wp) when the patch map is a frozen stage's output other than
+    the last, or ``fmap_is_trunk`` when it is the last. Pretrained weights: cached in ``workspace("cache",
+    "trunk")`` by a hash of the image paths, the transform, the tower and its frozen stages, ``views`` and
+    ``seed``; a randomly initialised trunk depends on the run's seed and is never cached."""
+    import hashlib
+
+    from mlip_core.paths import workspace
+
+    cfg = tower.cfg
+    key = hashlib.sha1("\x00".join([*dataset._paths, repr(dataset.transform), cfg.name, cfg.pretrained,
+                                     str(cfg.image_size), str(tower.frozen_trunk_stages), str(cfg.patch_level),
+                                     str(views), str(seed)]).encode("utf-8")).hexdigest()[:16]
+    path = workspace("cache", "trunk") / f"{cfg.name}_{cfg.image_size}_{key}.pt"
+    cached = bool(cfg.pretrained)
+    if path.exists() and cached:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn cache file: recompute and overwrite it
+            log.warning("trunk feature cache %s unreadable; recomputing", path)
+    device = next(tower.parameters()).device
+    was = dataset.load_images
+    dataset.load_images = True
+    N = len(dataset)
+    trunks: list[torch.Tensor] = []
+    fmaps: list[torch.Tensor] = []
+    fmap_is_trunk = False
+    starts = [(v, s) for v in range(views) for s in range(0, N, batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="frozen image stages, once per view", leave=False)
+    try:
+        for v, s in starts:
+            images = []
+            for i in range(s, min(N, s + batch_size)):
+                with seeded_rng(_seed_for(seed, 7_000_003, v, i)):
+                    images.append(dataset[i]["image"])
+            x, fmap = tower.frozen_trunk(torch.stack(images).to(device))
+            trunks.append(x.half().cpu())
+            fmap_is_trunk = fmap is x
+            if fmap is not None and fmap is not x:
+                fmaps.append(fmap.half().cpu())
+    finally:
+        dataset.load_images = was
+    out = {"trunk": torch.cat(trunks).unflatten(0, (views, N)), "fmap_is_trunk": torch.tensor(fmap_is_trunk)}
+    if fmaps:
+        out["trunk_fmap"] = torch.cat(fmaps).unflatten(0, (views, N))
+    if cached:
+        ckpt_lib.atomic_torch_save(out, path)
+    return out
+
+
 def swapped_versions(collate: Any, texts: Sequence[str], variants: int, group_size: int,
                      seed: int = 0) -> tuple[list[list[str]], torch.Tensor]:
     """``variants`` swapped versions of every report, each built by ``collate.swap_texts`` (a
@@ -885,16 +970,19 @@ def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, te
     the tower. Returns ``swap_text_tokens`` (V,N,L,Dt) float16, ``swap_attention_mask`` (V,N,L), ``swap_label``
     (V,N) and the reports' own ``attention_mask`` (N,L), L = ``max_length``. The versions depend on the texts and
     ``seed`` only, not on the run's seed, so every run on a dataset shares one encoding, cached in
-    ``workspace("cache", "text")`` by a hash of the tower, the length and the swapped texts."""
+    ``workspace("cache", "text")`` by a hash of the tower, the length, the texts and what draws the versions."""
     import hashlib
 
     from mlip_core.model.encoders import precompute_text_features
     from mlip_core.paths import workspace
 
     texts = [t if isinstance(t, str) else "" for t in texts]
-    swapped, labels = swapped_versions(collate, texts, variants, group_size, seed)
-    flat = [t for version in swapped for t in version]
-    key = hashlib.sha1(("\x00".join(flat) + f"|swap|{text_tower.name}|{max_length}").encode("utf-8")).hexdigest()[:16]
+    # Keyed by what determines the versions (the texts, their number, the groups, the seed, the knowledge graph
+    # the collator's extractor reads) so that a cached encoding is found without rebuilding them.
+    graph = getattr(getattr(collate, "extractor", None), "graph", None)
+    key = hashlib.sha1(("\x00".join(texts) + f"|swap|{variants}|{group_size}|{seed}|{collate.max_length}|"
+                        f"{graph.fingerprint() if graph is not None else ''}|{text_tower.name}|{max_length}")
+                       .encode("utf-8")).hexdigest()[:16]
     path = workspace("cache", "text") / f"{text_tower.name}_swap_{key}.pt"
     cached = getattr(text_tower, "pretrained", False)  # a random tower's features depend on the seed: never cached
     if path.exists() and cached:
@@ -902,6 +990,8 @@ def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, te
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a torn cache file: recompute and overwrite it
             log.warning("swap feature cache %s unreadable; recomputing", path)
+    swapped, labels = swapped_versions(collate, texts, variants, group_size, seed)
+    flat = [t for version in swapped for t in version]
     own = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
     enc = tokenizer(flat, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
     tokens = precompute_text_features(text_tower, enc, progress=progress)["text_tokens"]
@@ -967,6 +1057,11 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
                     train_set = TextFeatureDataset(ds, feats, swap, config.train.swap_prob)
                 else:
                     val_set = TextFeatureDataset(ds, feats)
+    tower = model.image_tower
+    if config.train.trunk_views > 0 and tower.frozen_trunk_stages > 0 and not tower.is_vit and len(train_set):
+        images = train_set.base if isinstance(train_set, TextFeatureDataset) else train_set
+        trunk = frozen_trunk_features(tower, images, config.train.trunk_views, progress=config.train.progress)
+        train_set = TrunkFeatureDataset(train_set, trunk, images)
     return {"model": model, "train_set": train_set, "val_set": val_set if len(val_set) else None,
             "collate_fn": collate, "tokenizer": tokenizer, "graph": graph}
 
@@ -1085,7 +1180,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image-tower", default=None, help="timm name, e.g. resnet18, resnet50")
     p.add_argument("--text-tower", default=None, help="minilm, tiny, or a Hub name / local folder")
     p.add_argument("--deterministic", action="store_true", default=None)
-    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action="store_true", default=None)
     p.add_argument("--tensorboard", action="store_true", default=None)
     p.add_argument("--no-progress", action="store_true")

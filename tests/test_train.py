@@ -257,13 +257,15 @@ def test_mlip_resume_after_interruption_is_bitwise_equal(mlip_full_run, tiny_wor
     assert cut_hist == full_hist
 
 
-def test_mlip_with_a_frozen_text_tower_reads_cached_features_and_resumes_bitwise_equal(tiny_world, monkeypatch):
-    """The frozen-text path (text features and swapped reports encoded once, the swap drawn per item) is as
-    resumable as the path that encodes every step."""
+def test_mlip_with_frozen_towers_reads_cached_features_and_resumes_bitwise_equal(tiny_world, monkeypatch):
+    """The frozen paths (text features and swapped reports encoded once, the swap drawn per item; the image
+    tower's frozen stages run once per augmented view, the view drawn per item) are as resumable as the paths
+    that encode every step."""
     from mlip_core.train import main, read_metrics
 
     monkeypatch.setenv("MLIP_WORKSPACE", str(tiny_world / "ws"))
-    args = [*MLIP_ARGS, "--set", "model.text.freeze_layers=2", "--data", str(tiny_world / "world")]
+    args = [*MLIP_ARGS, "--set", "model.text.freeze_layers=2", "--set", "model.image.frozen_stages=2",
+            "--set", "train.trunk_views=2", "--data", str(tiny_world / "world")]
     assert main([*args, "--out", str(tiny_world / "frozen_full")]) == 0
     assert main([*args, "--out", str(tiny_world / "frozen_cut"), "--stop-at-step", "3"]) == 0
     assert main([*args, "--out", str(tiny_world / "frozen_cut"), "--resume", "auto"]) == 0

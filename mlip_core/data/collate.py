@@ -11,7 +11,9 @@ NaN for blank), ``study_id``, ``index`` (B,) and, when ``swap_prob > 0``, the te
 ``word_index`` the (B,L) word of each token; items that carry a frozen text tower's precomputed outputs
 (``text_tokens``, ``text_sentence``, ``text_cls_attention``) have them stacked, and items that carry their
 text-swap pair already encoded (``swap_text_tokens``, ``swap_attention_mask``, ``swap_label``: see
-:class:`mlip_core.train.TextFeatureDataset`) have those stacked instead of swapping and tokenising here.
+:class:`mlip_core.train.TextFeatureDataset`) have those stacked instead of swapping and tokenising here; items
+that carry the image tower's frozen-stage activations instead of an image (``trunk``, ``trunk_fmap``: see
+:class:`mlip_core.train.TrunkFeatureDataset`) give those in place of ``image``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ except ImportError:  # pragma: no cover - reports.py ships with the package
 
 PRECOMPUTED_TEXT_KEYS = ("text_tokens", "text_sentence", "text_cls_attention")
 PRECOMPUTED_SWAP_KEYS = ("swap_text_tokens", "swap_attention_mask", "swap_label")
+TRUNK_KEYS = ("trunk", "trunk_fmap")  # items of mlip_core.train.TrunkFeatureDataset, in place of "image"
 
 
 def _norm(sentence: str) -> str:
@@ -173,11 +176,15 @@ class PretrainCollator:
         """A list of dataset items -> the pretraining batch (see module docstring)."""
         if not items:
             raise ValueError("PretrainCollator got an empty list of items")
-        missing = [k for k in ("image", "text", "labels") if k not in items[0]]
+        image_keys = TRUNK_KEYS[:1] if "trunk" in items[0] else ("image",)
+        missing = [k for k in (*image_keys, "text", "labels") if k not in items[0]]
         if missing:
             raise KeyError(f"dataset items lack {missing}; MimicPretrainDataset items have image, text, labels")
         texts = [it["text"] if isinstance(it["text"], str) else "" for it in items]
-        batch = {"image": torch.stack([torch.as_tensor(it["image"], dtype=torch.float32) for it in items])}
+        if "trunk" in items[0]:  # the tower's frozen stages already ran on a precomputed augmented view
+            batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in TRUNK_KEYS if k in items[0]}
+        else:
+            batch = {"image": torch.stack([torch.as_tensor(it["image"], dtype=torch.float32) for it in items])}
         batch.update(self.encode(texts))
         batch["labels"] = torch.stack([torch.as_tensor(it["labels"], dtype=torch.float32) for it in items])
         for key in ("study_id", "index"):

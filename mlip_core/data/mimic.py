@@ -344,6 +344,9 @@ class MimicPretrainDataset(Dataset):
         self._texts = self.pairs["text"].tolist()
         self._studies = self.pairs["study_id"].to_numpy(dtype=np.int64)
         self._paths = self.pairs["image_path"].tolist()
+        # False: items carry no image (nothing decoded or augmented), for a wrapper that supplies what the image
+        # tower reads instead (mlip_core.train.TrunkFeatureDataset)
+        self.load_images = True
 
     @classmethod
     def from_root(
@@ -371,15 +374,15 @@ class MimicPretrainDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
-        """One pair; the image is (1, image_size, image_size) after the transform."""
-        if self.cache is not None:
-            arr = self.cache[int(self._slots[index])]
-        else:
-            arr = load_uint8(self._paths[index], self.image_size)
-        return {
-            "image": self.transform(arr),
+        """One pair; the image is (1, image_size, image_size) after the transform (absent if not load_images)."""
+        item = {
             "text": self._texts[index],
             "labels": self._labels[index].clone(),
             "study_id": int(self._studies[index]),
             "index": int(index),
         }
+        if self.load_images:
+            arr = self.cache[int(self._slots[index])] if self.cache is not None else \
+                load_uint8(self._paths[index], self.image_size)
+            item["image"] = self.transform(arr)
+        return item

@@ -35,6 +35,10 @@ class ImageTransform:
         out = self.pipeline(v2.functional.to_image(to_tensor_uint8(arr)))
         return out.as_subclass(torch.Tensor)
 
+    def __repr__(self) -> str:
+        """The pipeline with its parameters (what a cache of transformed images is keyed by), no address."""
+        return f"ImageTransform({self.pipeline!r})"
+
 
 def train_transform(size: int) -> ImageTransform:
     """Augmenting transform: random resized crop, small affine, brightness/contrast; -> (1, size, size)."""

@@ -113,6 +113,14 @@ class KnowledgeGraph:
                 self.graph.add_edge(src, dst, key=rel, relation=rel)
         self._lookup = self._build_lookup()
 
+    def fingerprint(self) -> str:
+        """A short hash of the entities (names, synonyms, definitions, categories) and relations: what keys
+        a cache built from mentions found with this graph."""
+        import hashlib
+
+        edges = sorted((u, k, v) for u, v, k in self.graph.edges(keys=True))
+        return hashlib.sha1(repr((list(self._entities.values()), edges)).encode("utf-8")).hexdigest()[:16]
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def load_default(cls) -> "KnowledgeGraph":

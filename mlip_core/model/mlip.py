@@ -232,15 +232,16 @@ class MLIP(nn.Module):
         """Named features of a batch: ``image_global``/``text_global`` (B,d) normalised, their momentum
         versions ``*_m`` (or None), ``logit_scale`` (), ``image_patches`` (B,P,Dp), ``patch_grid``,
         ``text_tokens`` (B,L,Dt), ``text_cls_attention`` (B,L) or None, ``attention_mask`` (B,L)."""
-        image = batch["image"]
         # The stem and frozen stages of the tower and of its momentum copy hold the same weights (the EMA skips
-        # frozen ones, buffers are copied): compute them once for both (more than half a CNN's forward).
-        share = self.config.loss.divergence and not self.image_tower.is_vit and self.image_tower.frozen_trunk_stages > 0
-        if share:
-            trunk = self.image_tower.frozen_trunk(image)
-            img = self.image_tower.forward_from_trunk(*trunk)
-        else:
-            img = self.image_tower(image)
+        # frozen ones, buffers are copied): compute them once for both (more than half a CNN's forward), or read
+        # them from the batch (train.trunk_views: computed once per augmented view before training).
+        trunk: tuple[Tensor, Tensor | None] | None = None
+        if "trunk" in batch:
+            fmap = batch.get("trunk_fmap")
+            trunk = (batch["trunk"].float(), None if fmap is None else fmap.float())
+        elif self.config.loss.divergence and not self.image_tower.is_vit and self.image_tower.frozen_trunk_stages > 0:
+            trunk = self.image_tower.frozen_trunk(batch["image"])
+        img = self.image_tower(batch["image"]) if trunk is None else self.image_tower.forward_from_trunk(*trunk)
         sentence, tokens, cls = self._text_features(batch)
         f: dict[str, Any] = {
             "image_global": F.normalize(self.image_proj(img.global_), dim=-1),
@@ -252,12 +253,12 @@ class MLIP(nn.Module):
         }
         if self.config.loss.divergence:
             with torch.no_grad():
-                if share:  # oneDNN runs this no-grad tail ~20% faster channels-last on a CPU (EfficientNet, 96 px)
-                    fmt = torch.channels_last if image.device.type == "cpu" else torch.contiguous_format
+                if trunk is not None:  # oneDNN runs this no-grad tail ~20% faster channels-last on a CPU (EfficientNet, 96 px)
+                    fmt = torch.channels_last if trunk[0].device.type == "cpu" else torch.contiguous_format
                     img_m = self.image_tower_m.forward_from_trunk(
                         *(None if t is None else t.contiguous(memory_format=fmt) for t in trunk))
                 else:
-                    img_m = self.image_tower_m(image)
+                    img_m = self.image_tower_m(batch["image"])
                 f["image_global_m"] = F.normalize(self.image_proj_m(img_m.global_), dim=-1)
                 # A wholly frozen text tower equals its momentum copy: reuse its output.
                 s_m = sentence if self.text_tower.frozen else \
