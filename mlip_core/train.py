@@ -832,6 +832,30 @@ class TextFeatureDataset(Dataset):
         return item
 
 
+def encoded_reports(collate: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Every report tokenised with its entity and status marks once (:meth:`PretrainCollator.encode_all`), cached
+    in ``workspace("cache", "text")`` by a hash of the texts, the tokenizer, the length and the knowledge graph:
+    an epoch then stacks rows instead of running the tokenizer and the extractor on every batch again."""
+    import hashlib
+
+    from mlip_core.paths import workspace
+
+    texts = [t if isinstance(t, str) else "" for t in texts]
+    graph = getattr(getattr(collate, "extractor", None), "graph", None)
+    key = hashlib.sha1(("\x00".join(texts) + f"|tokens|{getattr(collate.tokenizer, 'name_or_path', '')}|"
+                        f"{len(collate.tokenizer)}|{collate.max_length}|{graph.fingerprint() if graph else ''}")
+                       .encode("utf-8")).hexdigest()[:16]
+    path = workspace("cache", "text") / f"tokens_{key}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn cache file: recompute and overwrite it
+            log.warning("token cache %s unreadable; recomputing", path)
+    out = collate.encode_all(texts)
+    ckpt_lib.atomic_torch_save(out, path)
+    return out
+
+
 def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
                          progress: bool = False) -> dict[str, torch.Tensor]:
     """Every report encoded once by a wholly frozen text tower (see
@@ -1048,6 +1072,7 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
             if len(ds):
                 feats = frozen_text_features(model.text_tower, tokenizer, ds._texts, mc.text.max_length,
                                              progress=config.train.progress)
+                feats.update(encoded_reports(collate, ds._texts))
                 if ds is train_set:
                     swap = None
                     if lc.swap and config.train.swap_variants > 0 and config.train.swap_prob > 0:

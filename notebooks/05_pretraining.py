@@ -65,6 +65,7 @@ image_tower = "tf_efficientnet_lite0"  # ImageNet-initialised (shipped offline);
 image_pretrained = "efficientnet_lite0_package"  # "" random init, or "efficientnet_lite0_package": shipped ImageNet weights (tf_efficientnet_lite0)
 image_size = 96
 frozen_stages = 3  # stem + first 3 stages at their ImageNet weights: 2x faster steps on CPU
+trunk_views = 4  # the frozen stages run once per image and augmented view (4 views each) before training
 text_tower = "minilm"  # minilm: MiniLM-L6 shipped offline; tiny: a small random BERT; or a Hub name
 text_allow_download = False  # only the full profile (Bio_ClinicalBERT from the Hub) sets this
 max_length = 48  # report tokens
@@ -165,7 +166,7 @@ params = dict(image_tower=image_tower, image_pretrained=image_pretrained, image_
               max_length=max_length, freeze_text_layers=freeze_text_layers, batch_size=batch_size, epochs=epochs,
               max_steps=max_steps, lr=lr, tower_lr_scale=tower_lr_scale, warmup_ratio=warmup_ratio,
               weight_decay=weight_decay, checkpoint_every=checkpoint_every, num_workers=num_workers, seed=seed,
-              deterministic=deterministic)
+              deterministic=deterministic, trunk_views=trunk_views)
 
 
 def make_config(name: str):

@@ -156,3 +156,17 @@ def test_collated_batch_trains_the_full_mlip_model(tokenizer, extractor):
     assert {"loss_global", "loss_local", "loss_category", "loss_itm", "loss_swap"} <= set(out)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.objective.terms["local"].knowledge_proj.weight.grad.abs().sum() > 0
+
+
+def test_reports_tokenised_once_give_the_batch_that_tokenising_each_batch_gives(tokenizer, extractor):
+    from mlip_core.data.collate import PRECOMPUTED_TOKEN_KEYS
+
+    collate = PretrainCollator(tokenizer, extractor, 64, swap_prob=0.0)
+    rows = collate.encode_all(REPORTS)
+    assert rows["input_ids"].shape == (len(REPORTS), 64)
+    plain = collate(items())
+    cached = collate([dict(it, **{k: rows[k][i] for k in PRECOMPUTED_TOKEN_KEYS}) for i, it in enumerate(items())])
+    assert plain["input_ids"].shape[1] < 64  # cut to the longest report, as padding="longest" does
+    for key in PRECOMPUTED_TOKEN_KEYS:
+        assert torch.equal(plain[key], cached[key]), key
+    assert (plain["token_entity"] >= 0).any()  # the extractor's marks are part of what is cached

@@ -8,7 +8,9 @@ Items are dicts ``{"image": (1,H,W), "text": str, "labels": (14,), "study_id": i
 ``attention_mask``, ``token_entity``, ``token_status`` (B,L), ``labels`` (B,14) (CheXpert convention,
 NaN for blank), ``study_id``, ``index`` (B,) and, when ``swap_prob > 0``, the text-swap pairs
 ``swap_input_ids``, ``swap_attention_mask`` (B,L') and ``swap_label`` (B,) with 1 = report altered; with
-``word_index`` the (B,L) word of each token; items that carry a frozen text tower's precomputed outputs
+``word_index`` the (B,L) word of each token; items that carry their report already tokenised
+(:meth:`PretrainCollator.encode_all`) are stacked, not tokenised again; items that carry a frozen text tower's
+precomputed outputs
 (``text_tokens``, ``text_sentence``, ``text_cls_attention``) have them stacked, and items that carry their
 text-swap pair already encoded (``swap_text_tokens``, ``swap_attention_mask``, ``swap_label``: see
 :class:`mlip_core.train.TextFeatureDataset`) have those stacked instead of swapping and tokenising here; items
@@ -37,6 +39,7 @@ except ImportError:  # pragma: no cover - reports.py ships with the package
 
 PRECOMPUTED_TEXT_KEYS = ("text_tokens", "text_sentence", "text_cls_attention")
 PRECOMPUTED_SWAP_KEYS = ("swap_text_tokens", "swap_attention_mask", "swap_label")
+PRECOMPUTED_TOKEN_KEYS = ("input_ids", "attention_mask", "token_entity", "token_status")
 TRUNK_KEYS = ("trunk", "trunk_fmap")  # items of mlip_core.train.TrunkFeatureDataset, in place of "image"
 
 
@@ -163,6 +166,17 @@ class PretrainCollator:
             "token_status": torch.full_like(none, -2),
         }
 
+    def encode_all(self, texts: Sequence[str], chunk: int = 256) -> dict[str, torch.Tensor]:
+        """:meth:`encode` of every text padded to ``max_length`` (N,L), in chunks: items that carry their row
+        (``input_ids``, ``attention_mask``, ``token_entity``, ``token_status``) are stacked and cut to the batch's
+        longest report instead of being tokenised again, the same tensors :meth:`encode` gives the batch."""
+        padding, self.padding = self.padding, "max_length"
+        try:
+            parts = [self.encode(list(texts[s:s + chunk])) for s in range(0, len(texts), chunk)]
+        finally:
+            self.padding = padding
+        return {k: torch.cat([p[k] for p in parts]) for k in PRECOMPUTED_TOKEN_KEYS}
+
     def word_indices(self, texts: Sequence[str]) -> torch.Tensor:
         """(B,L) index of the word each token belongs to (GLoRIA aggregates word pieces), -1 for special tokens
         and padding; the same tokenisation as ``encode``."""
@@ -185,7 +199,12 @@ class PretrainCollator:
             batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in TRUNK_KEYS if k in items[0]}
         else:
             batch = {"image": torch.stack([torch.as_tensor(it["image"], dtype=torch.float32) for it in items])}
-        batch.update(self.encode(texts))
+        if all(key in items[0] for key in PRECOMPUTED_TOKEN_KEYS):  # the report encoded once (encode_all)
+            tokens = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in PRECOMPUTED_TOKEN_KEYS}
+            longest = int(tokens["attention_mask"].sum(1).max()) if self.padding == "longest" else None
+            batch.update({k: v[:, :longest] for k, v in tokens.items()})
+        else:
+            batch.update(self.encode(texts))
         batch["labels"] = torch.stack([torch.as_tensor(it["labels"], dtype=torch.float32) for it in items])
         for key in ("study_id", "index"):
             if key in items[0]:
