@@ -29,9 +29,10 @@ def train_grid(names: Sequence[str], seeds: Iterable[int], params: dict[str, Any
                root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Train every (config, seed) with the flat ``params`` (see :data:`mlip_core.config.PRETRAIN_PARAMETERS`;
     ``seed`` is set per run) and return one row per run: ``config, seed, run_dir, export, steps, train_s``
-    (seconds of optimizer steps, summed from the metrics log) and the final validation retrieval (``i2t_R@K``,
-    ``t2i_R@K``). A run folder is named by the hash of its config and data, so finished runs are read back, not
-    retrained."""
+    (seconds of optimizer steps, summed from the metrics log), the final validation retrieval (``i2t_R@K``,
+    ``t2i_R@K``) and embedding geometry (``val_pair_cos``, ``val_image_mean_cos``, ``val_text_mean_cos``, see
+    :func:`mlip_core.metrics.embedding_geometry`). A run folder is named by the hash of its config and data, so
+    finished runs are read back, not retrained."""
     from mlip_core.train import run_folder, train
 
     rows = []
@@ -52,7 +53,7 @@ def train_grid(names: Sequence[str], seeds: Iterable[int], params: dict[str, Any
                          "export": str(res.export_path) if res.export_path else "", "steps": res.steps,
                          "train_s": float(sum(r.get("time_s", 0.0) for r in res.history)),
                          "wall_s": time.perf_counter() - t0,
-                         **{k: float(v) for k, v in val.items() if "R@" in k}})
+                         **{k: float(v) for k, v in val.items() if "R@" in k or k.endswith("_cos")}})
     return pd.DataFrame(rows)
 
 
@@ -67,6 +68,22 @@ def retrieval_rows(runs: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)) -> list[d
                 if key in rec and not pd.isna(rec[key]):
                     rows.append({"method": rec["config"], "task": f"retrieval_{direction}", "fraction": np.nan,
                                  "seed": int(rec["seed"]), "metric": f"R@{k}", "value": float(rec[key])})
+    return rows
+
+
+GEOMETRY_METRICS = ("pair_cos", "image_mean_cos", "text_mean_cos")
+
+
+def geometry_rows(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """Long-format result rows of the runs' final validation embedding geometry (task ``embedding_geometry``,
+    metrics :data:`GEOMETRY_METRICS`, fraction NaN); runs validated before the engine recorded it have none."""
+    rows = []
+    for rec in runs.to_dict("records"):
+        for metric in GEOMETRY_METRICS:
+            value = rec.get(f"val_{metric}")
+            if value is not None and not pd.isna(value):
+                rows.append({"method": rec["config"], "task": "embedding_geometry", "fraction": np.nan,
+                             "seed": int(rec["seed"]), "metric": metric, "value": float(value)})
     return rows
 
 

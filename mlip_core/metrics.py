@@ -9,6 +9,25 @@ import torch
 
 
 @torch.no_grad()
+def embedding_geometry(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
+    """How the paired (N,D) L2-normalised embeddings sit on the sphere (Wang & Isola, ICML 2020, measure the same
+    two properties as alignment and uniformity): ``pair_cos`` the mean cosine of each image with its own report;
+    ``image_mean_cos`` / ``text_mean_cos`` the mean cosine between two different images / reports. A mean close
+    to 1 means that modality's embeddings crowd into a narrow cone: retrieval *from* it (image->text when the
+    images crowd) then ranks every query's candidates almost alike."""
+
+    def mean_off_diagonal(e: torch.Tensor) -> float:
+        n = e.shape[0]
+        if n < 2:
+            return float("nan")
+        total = e.sum(0)
+        return float(((total @ total) - (e * e).sum()) / (n * (n - 1)))  # sum over i != j of <e_i, e_j>
+
+    img, txt = image_emb.float(), text_emb.float()
+    return {"pair_cos": float((img * txt).sum(1).mean()), "image_mean_cos": mean_off_diagonal(img),
+            "text_mean_cos": mean_off_diagonal(txt)}
+
+
 def retrieval_recall(
     image_emb: torch.Tensor, text_emb: torch.Tensor, group: torch.Tensor | None = None,
     ks: Sequence[int] = (1, 5, 10),

@@ -58,7 +58,7 @@ from mlip_core.checkpoint import (
     omitted_fingerprint,
     write_image_tower_export,
 )
-from mlip_core.metrics import retrieval_recall
+from mlip_core.metrics import embedding_geometry, retrieval_recall
 from mlip_core.optim import build_optimizer
 from mlip_core.repro import seed_everything
 
@@ -734,6 +734,7 @@ class Trainer:
         _, first = np.unique(idx_all.numpy(), return_index=True)
         keep = torch.from_numpy(np.sort(first))
         recall = retrieval_recall(ie_all[keep], te_all[keep], grp_all[keep])
+        recall.update({f"val_{k}": v for k, v in embedding_geometry(ie_all[keep], te_all[keep]).items()})
         return {**{f"val_{k}": v for k, v in losses.items()}, **recall, "val_n": int(keep.numel())}
 
     def _validate_and_track(self, final: bool = False) -> dict[str, float]:

@@ -158,6 +158,16 @@ if show_examples("MIMIC-CXR", publish_examples, mimic_root=mimic_root, mimic_rep
 # re-running the notebook with the same parameters resumes the old one (`resume="auto"`). With `pretrained_run`
 # set, the chapter trains nothing: it reads the run folders you trained from a terminal (their own configs,
 # metrics and exported towers), and every cell below shows those runs.
+#
+# **What is computed once.** Whatever does not change during training is computed before the first step and
+# cached in the workspace, for both models and for every run of the ablation chapter: the frozen MiniLM's
+# outputs for every report (and for two swapped versions of every report, which text swapping reads), the
+# reports tokenised with their knowledge marks, and the frozen image stages' output for `trunk_views`
+# augmented views of every training image. Each step then reads a random view and runs only the trainable
+# stages. The price is augmentation diversity: however many epochs run, an image is seen in at most
+# `trunk_views` different crops; the gain is speed (the throughput table below gives pairs per second, and
+# `benchmarks/bench_train.py` compares the engine with and without these caches). On MIMIC-CXR with an unfrozen
+# tower (the `full` profile) nothing of the image side is cached.
 
 
 # %%
@@ -318,6 +328,36 @@ pd.concat([final[[c for c in final.columns if "R@" in c]],
 # true pair is scored beside a hard-negative report and a hard-negative image), and its swap head at
 # {glue:text}`mlip_swap_acc`. A head that has not learned its task adds gradient
 # without signal to the towers it shares with the global loss.
+
+# %% [markdown]
+# ## Where the embeddings sit
+#
+# Retrieval compresses two questions into one number. Two simpler measures separate them (Wang & Isola, ICML 2020,
+# call them alignment and uniformity): how close each image sits to its own report (the mean cosine of the
+# validation pairs), and how widely each modality spreads over the sphere (the mean cosine between two different
+# images, and between two different reports). The validation step of the engine records all three
+# (`mlip_core.metrics.embedding_geometry`). A mean cosine near 1 means a modality's embeddings crowd into a
+# narrow cone: the differences between them, which retrieval ranks by, are then a small part of each vector.
+
+# %%
+nan = float("nan")  # runs validated before the engine recorded the geometry
+geometry = pd.DataFrame({name: {"own report (pair cosine)": res.val_history[-1].get("val_pair_cos", nan),
+                                "image vs image (mean cosine)": res.val_history[-1].get("val_image_mean_cos", nan),
+                                "report vs report (mean cosine)": res.val_history[-1].get("val_text_mean_cos", nan)}
+                         for name, res in results.items() if res.val_history}).T.astype(float)
+for name in geometry.index:
+    glue(f"geo_image_{name}", f"{geometry.loc[name, 'image vs image (mean cosine)']:.2f}", display=False)
+    glue(f"geo_text_{name}", f"{geometry.loc[name, 'report vs report (mean cosine)']:.2f}", display=False)
+crowded = geometry["image vs image (mean cosine)"].idxmax() if len(geometry) else ""
+glue("geo_crowded", crowded, display=False)
+geometry.round(3)
+
+# %% [markdown]
+# The images of {glue:text}`geo_crowded` crowd most. Between two different validation images the mean cosine is
+# {glue:text}`geo_image_mlip` for MLIP and {glue:text}`geo_image_convirt` for ConVIRT; between two different
+# reports, {glue:text}`geo_text_mlip` and {glue:text}`geo_text_convirt`. One run says nothing about noise: the
+# ablation chapter repeats this measure on every configuration and three seeds, and asks which of MLIP's parts
+# moves it beyond the seed spread.
 
 # %%
 from mlip_core.results import write_results  # noqa: E402

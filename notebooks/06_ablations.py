@@ -48,14 +48,15 @@ seeds = "0,1,2"
 image_tower = "tf_efficientnet_lite0"
 image_pretrained = "efficientnet_lite0_package"
 image_size = 64  # 33 runs on two CPU cores: 64 px trains 1.6x (MLIP) to 2.2x (ConVIRT) faster than 96 px
-frozen_stages = 3  # stem and first 3 EfficientNet stages keep their ImageNet weights (CPU budget)
+frozen_stages = 4  # stem and first 4 EfficientNet stages keep their ImageNet weights; the patch map (stage 5) trains
+trunk_views = 4  # the frozen stages run once per image and augmented view (4 each), shared by all 33 runs
 text_tower = "minilm"
 text_allow_download = False
 max_length = 48
 freeze_text_layers = 6  # all of MiniLM: its outputs are computed once per world and reused by every run
 batch_size = 32
-epochs = 1
-max_steps = 40  # 33 runs within the book's 40 minutes on two CPU cores (about 20 s of training each)
+epochs = 2  # 124 steps; at 40 steps (the first version of this chapter) every row sat at chance
+max_steps = 0  # > 0 overrides epochs
 lr = 0.001
 tower_lr_scale = 1.0
 warmup_ratio = 0.1
@@ -77,8 +78,8 @@ import pandas as pd
 import seaborn as sns
 from myst_nb import glue
 
-from mlip_core.ablation import (ceiling_rows, differences_vs, init_encoders, probe_rows, retrieval_rows, train_grid,
-                                write_run_table)
+from mlip_core.ablation import (ceiling_rows, differences_vs, geometry_rows, init_encoders, probe_rows, retrieval_rows,
+                                train_grid, write_run_table)
 from mlip_core.data.downstream import CHEXPERT_5
 from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
@@ -94,7 +95,8 @@ params = dict(image_tower=image_tower, image_pretrained=image_pretrained, image_
               frozen_stages=frozen_stages, text_tower=text_tower, text_allow_download=text_allow_download,
               max_length=max_length, freeze_text_layers=freeze_text_layers, batch_size=batch_size, epochs=epochs,
               max_steps=max_steps, lr=lr, tower_lr_scale=tower_lr_scale, warmup_ratio=warmup_ratio,
-              weight_decay=weight_decay, checkpoint_every=0, deterministic=True, progress=False)
+              weight_decay=weight_decay, checkpoint_every=0, deterministic=True, progress=False,
+              trunk_views=trunk_views)
 print(f"device: {device}; {len(names)} configs x {len(seed_list)} seeds")
 
 # %% [markdown]
@@ -119,10 +121,19 @@ pd.DataFrame({n: {"global": True, "divergence": lc.divergence, "knowledge guard"
 # %% [markdown]
 # ## Training the grid
 #
-# Same world, same towers (ImageNet EfficientNet-lite0 with its first stages frozen, MiniLM frozen and encoded
-# once), same optimizer, schedule and number of steps for every row; only the loss configuration and the seed
-# change. The budget is short — the point is the comparison, not the best possible model (chapter
-# `05_pretraining` trains the two main rows longer).
+# Same world, same towers (ImageNet EfficientNet-lite0 with its stem and first {glue:text}`abl_frozen_stages`
+# stages frozen, MiniLM frozen), same optimizer, schedule and number of steps for every row; only the loss
+# configuration and the seed change. The budget is short — the point is the comparison, not the best possible
+# model (chapter `05_pretraining` trains the two main rows longer).
+#
+# Three things are computed once and shared by all the runs, because they do not depend on the loss: MiniLM's
+# outputs for every report (and for every report's swapped versions, which text swapping reads), the tokenised
+# reports with their knowledge marks, and the frozen image stages' output for {glue:text}`abl_trunk_views`
+# augmented views of every training image (each step reads one view at random and runs only the trainable
+# stages). Where the freeze stops matters for the ablation: the patch map that the local terms (MLIP's
+# token–knowledge–patch alignment, GLoRIA's and MGCA's word–region terms) read is the output of the fifth stage.
+# Freeze it, and those terms could train nothing but their own projection heads — they would not touch the
+# image tower at all, and removing them could not change a probe. So the grid freezes four stages, not more.
 
 # %%
 world = workspace("offline_world", create=False)
@@ -134,6 +145,8 @@ runs[["config", "seed", "steps", "train_s", "i2t_R@10", "t2i_R@10"]].round(1)
 
 # %%
 glue("abl_runs", len(runs), display=False)
+glue("abl_frozen_stages", frozen_stages, display=False)
+glue("abl_trunk_views", trunk_views, display=False)
 glue("abl_steps", int(runs["steps"].iloc[0]), display=False)
 glue("abl_train_minutes", f"{runs['train_s'].sum() / 60:.1f}", display=False)
 speed = runs.groupby("config")["train_s"].mean()
@@ -173,7 +186,7 @@ probe, per_label = probe_rows(runs, task, masks, workspace("cache", "images"), w
                               extra_encoders=baselines)
 ceilings = ceiling_rows(world, task, params, baselines, workspace("cache", "images"), workspace("features", "transfer"),
                         C=probe_C, batch_size=batch_size_features, device=str(device))
-rows = retrieval_rows(runs) + probe + ceilings
+rows = retrieval_rows(runs) + geometry_rows(runs) + probe + ceilings
 results = pd.DataFrame(rows)
 path = write_results(results, "06_ablations")
 print(f"{len(results)} result rows -> {path}")
@@ -296,15 +309,47 @@ if len(mlip_vs_convirt):
 #   line up on the pretraining world; the probe asks whether the image tower's features separate findings on
 #   another world. A term can help one and not the other: the local and category terms shape patch features and
 #   prototypes that retrieval never reads directly.
-# - **Short runs favour simple objectives.** With one epoch, every extra term competes with the global loss for
-#   the same few hundred updates; terms whose heads start from scratch (fusion, prototypes, local projections)
-#   spend part of the budget learning themselves. Differences that are within the spread here may open up with
-#   longer training — the `gpu` profile runs the same grid at a larger scale.
+# - **Short runs favour simple objectives.** With {glue:text}`abl_steps` steps, every extra term competes with the
+#   global loss for the same few updates, and terms whose heads start from scratch (fusion, prototypes, local
+#   projections) spend part of the budget learning themselves. Differences that are within the spread here may
+#   open up with longer training — the `gpu` profile runs the same grid at a larger scale.
 # - **Where the offline world differs from MIMIC-CXR.** {glue:text}`abl_normal_share` of the studies are
 #   labelled normal (No Finding) and their reports near-identical: exactly the false negatives the divergence encoder and the knowledge guard are meant to
 #   handle, but also a hard ceiling on retrieval (chapter `05_pretraining` computes it). The pretraining labels
 #   that the knowledge guard and SupCon read come from our labeler run on the report text, as MIMIC's CheXpert
 #   labels do — with its errors (chapter `01_offline_world` measures them against what was drawn).
+
+# %% [markdown]
+# ## Where each row's embeddings sit
+#
+# Chapter `05_pretraining` measures how widely each modality's validation embeddings spread (the mean cosine
+# between two different images, and between two different reports) and how close each image sits to its own
+# report. Here the same three numbers for every row, mean ± s.d. over the seeds, and for each of MLIP's parts
+# whether removing it moves the images' spread beyond the seed spread.
+
+# %%
+geo = summary[summary["task"] == "embedding_geometry"].pivot(index="method", columns="metric", values="mean")
+geo_sd = summary[summary["task"] == "embedding_geometry"].pivot(index="method", columns="metric", values="std")
+geo_table = pd.DataFrame({col: [f"{geo.loc[m, col]:.3f} ± {geo_sd.loc[m, col]:.3f}" for m in geo.index]
+                          for col in ("pair_cos", "image_mean_cos", "text_mean_cos")}, index=geo.index)
+geo_table = geo_table.reindex([m for m in order if m in geo_table.index])
+geo_checks = differences_vs(summary[summary["method"].isin(names)], "mlip", "embedding_geometry", "image_mean_cos")
+moved = geo_checks[geo_checks["exceeds"]] if len(geo_checks) else geo_checks
+if "image_mean_cos" not in geo:  # runs validated before the engine recorded the geometry
+    raise RuntimeError("the grid's runs hold no embedding geometry: they were trained before the engine recorded it; "
+                       "delete workspace/runs/ablations (the project's own runs) and run this chapter again")
+glue("geo_most_crowded", geo["image_mean_cos"].idxmax(), display=False)
+glue("geo_least_crowded", geo["image_mean_cos"].idxmin(), display=False)
+glue("geo_moved", ", ".join(f"{r.method} ({r.diff:+.3f}, spread {r.spread:.3f})" for r in moved.itertuples())
+     if len(moved) else "none of them", display=False)
+geo_table.rename(columns={"pair_cos": "own report (pair cosine)", "image_mean_cos": "image vs image",
+                          "text_mean_cos": "report vs report"})
+
+# %% [markdown]
+# The images crowd most with {glue:text}`geo_most_crowded` and least with {glue:text}`geo_least_crowded`. Against
+# full MLIP, the rows whose images' mean cosine differs beyond the seed spread are: {glue:text}`geo_moved`. A
+# difference here is a difference in *how* the towers learned, even where the retrieval and probe columns above
+# cannot tell the rows apart.
 
 # %% [markdown]
 # ## What the world lets each side learn

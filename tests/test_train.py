@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mlip_core.checkpoint import export_from_checkpoint, load_image_tower_export
 from mlip_core.config import TrainConfig
@@ -84,6 +85,21 @@ def test_retrieval_recall_counts_any_image_of_the_same_study_as_a_hit():
     no_groups = retrieval_recall(img, txt, ks=(1,))
     assert no_groups["t2i_R@1"] == 50.0  # text0 -> image1 is now a miss
     assert 0.0 <= r["recall_mean"] <= 100.0
+
+
+def test_embedding_geometry_measures_pair_alignment_and_how_narrow_each_cone_is():
+    from mlip_core.metrics import embedding_geometry
+
+    g = torch.Generator().manual_seed(0)
+    spread = F.normalize(torch.randn(200, 16, generator=g), dim=1)
+    crowded = F.normalize(torch.randn(200, 16, generator=g) * 0.05 + torch.ones(16), dim=1)
+    geo = embedding_geometry(crowded, spread)
+    assert geo["image_mean_cos"] > 0.95 and abs(geo["text_mean_cos"]) < 0.05
+    pairs = (crowded * spread).sum(1).mean()
+    assert geo["pair_cos"] == pytest.approx(float(pairs), abs=1e-6)
+    assert embedding_geometry(spread, spread)["pair_cos"] == pytest.approx(1.0, abs=1e-5)
+    off = (crowded @ crowded.T).sum() - 200  # the mean over i != j, written out
+    assert geo["image_mean_cos"] == pytest.approx(float(off) / (200 * 199), abs=1e-5)
 
 
 def test_ddp_sampler_shards_union_equals_single_process_batches():
