@@ -833,28 +833,45 @@ class TextFeatureDataset(Dataset):
         return item
 
 
+def cache_key(*parts: Any) -> str:
+    """A short hash of what a cached tensor file was computed from (texts, names, sizes, seeds...)."""
+    import hashlib
+
+    return hashlib.sha1("\x00".join(map(str, parts)).encode("utf-8")).hexdigest()[:16]
+
+
+def cached_tensors(path: Path, build: Callable[[], dict[str, torch.Tensor]], enabled: bool = True,
+                   what: str = "cache") -> dict[str, torch.Tensor]:
+    """``build()``'s tensors, read from ``path`` when an earlier build wrote them there (atomically); with
+    ``enabled`` False (e.g. a randomly initialised tower, whose outputs depend on the run's seed) always built
+    and never written. A torn or unreadable file is rebuilt and overwritten."""
+    if enabled and path.exists():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn cache file: recompute and overwrite it
+            log.warning("%s %s unreadable; recomputing", what, path)
+    out = build()
+    if enabled:
+        ckpt_lib.atomic_torch_save(out, path)
+    return out
+
+
+def _graph_fingerprint(collate: Any) -> str:
+    graph = getattr(getattr(collate, "extractor", None), "graph", None)
+    return graph.fingerprint() if graph is not None else ""
+
+
 def encoded_reports(collate: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Every report tokenised with its entity and status marks once (:meth:`PretrainCollator.encode_all`), cached
     in ``workspace("cache", "text")`` by a hash of the texts, the tokenizer, the length and the knowledge graph:
     an epoch then stacks rows instead of running the tokenizer and the extractor on every batch again."""
-    import hashlib
-
     from mlip_core.paths import workspace
 
     texts = [t if isinstance(t, str) else "" for t in texts]
-    graph = getattr(getattr(collate, "extractor", None), "graph", None)
-    key = hashlib.sha1(("\x00".join(texts) + f"|tokens|{getattr(collate.tokenizer, 'name_or_path', '')}|"
-                        f"{len(collate.tokenizer)}|{collate.max_length}|{graph.fingerprint() if graph else ''}")
-                       .encode("utf-8")).hexdigest()[:16]
-    path = workspace("cache", "text") / f"tokens_{key}.pt"
-    if path.exists():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a torn cache file: recompute and overwrite it
-            log.warning("token cache %s unreadable; recomputing", path)
-    out = collate.encode_all(texts)
-    ckpt_lib.atomic_torch_save(out, path)
-    return out
+    key = cache_key(*texts, "tokens", getattr(collate.tokenizer, "name_or_path", ""), len(collate.tokenizer),
+                    collate.max_length, _graph_fingerprint(collate))
+    return cached_tensors(workspace("cache", "text") / f"tokens_{key}.pt", lambda: collate.encode_all(texts),
+                          what="token cache")
 
 
 def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
@@ -862,25 +879,19 @@ def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[
     """Every report encoded once by a wholly frozen text tower (see
     :func:`mlip_core.model.encoders.precompute_text_features`), cached in ``workspace("cache", "text")`` by a
     hash of the tower, the length and the texts: the ablations' runs share one encoding per world."""
-    import hashlib
-
     from mlip_core.model.encoders import precompute_text_features
     from mlip_core.paths import workspace
 
     texts = [t if isinstance(t, str) else "" for t in texts]
-    key = hashlib.sha1(("\x00".join(texts) + f"|{text_tower.name}|{max_length}|{text_tower.cfg.pooling}")
-                       .encode("utf-8")).hexdigest()[:16]
-    path = workspace("cache", "text") / f"{text_tower.name}_{key}.pt"
-    if path.exists() and getattr(text_tower, "pretrained", False):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a torn cache file: recompute and overwrite it
-            log.warning("text feature cache %s unreadable; recomputing", path)
-    enc = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
-    feats = precompute_text_features(text_tower, enc, progress=progress)
-    if getattr(text_tower, "pretrained", False):  # a random tower's features depend on the seed: never cached
-        ckpt_lib.atomic_torch_save(feats, path)
-    return feats
+    key = cache_key("\x00".join(texts) + f"|{text_tower.name}|{max_length}|{text_tower.cfg.pooling}")
+
+    def build() -> dict[str, torch.Tensor]:
+        enc = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+        return precompute_text_features(text_tower, enc, progress=progress)
+
+    # a random tower's features depend on the seed: never cached
+    return cached_tensors(workspace("cache", "text") / f"{text_tower.name}_{key}.pt", build,
+                          enabled=getattr(text_tower, "pretrained", False), what="text feature cache")
 
 
 class TrunkFeatureDataset(Dataset):
@@ -919,21 +930,18 @@ def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int 
     the last, or ``fmap_is_trunk`` when it is the last. Pretrained weights: cached in ``workspace("cache",
     "trunk")`` by a hash of the image paths, the transform, the tower and its frozen stages, ``views`` and
     ``seed``; a randomly initialised trunk depends on the run's seed and is never cached."""
-    import hashlib
-
     from mlip_core.paths import workspace
 
     cfg = tower.cfg
-    key = hashlib.sha1("\x00".join([*dataset._paths, repr(dataset.transform), cfg.name, cfg.pretrained,
-                                     str(cfg.image_size), str(tower.frozen_trunk_stages), str(cfg.patch_level),
-                                     str(views), str(seed)]).encode("utf-8")).hexdigest()[:16]
+    key = cache_key(*dataset._paths, repr(dataset.transform), cfg.name, cfg.pretrained, cfg.image_size,
+                    tower.frozen_trunk_stages, cfg.patch_level, views, seed)
     path = workspace("cache", "trunk") / f"{cfg.name}_{cfg.image_size}_{key}.pt"
-    cached = bool(cfg.pretrained)
-    if path.exists() and cached:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a torn cache file: recompute and overwrite it
-            log.warning("trunk feature cache %s unreadable; recomputing", path)
+    return cached_tensors(path, lambda: _trunk_views(tower, dataset, views, seed, batch_size, progress),
+                          enabled=bool(cfg.pretrained), what="trunk feature cache")
+
+
+def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_size: int,
+                 progress: bool) -> dict[str, torch.Tensor]:
     device = next(tower.parameters()).device
     was = dataset.load_images
     dataset.load_images = True
@@ -962,8 +970,6 @@ def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int 
     out = {"trunk": torch.cat(trunks).unflatten(0, (views, N)), "fmap_is_trunk": torch.tensor(fmap_is_trunk)}
     if fmaps:
         out["trunk_fmap"] = torch.cat(fmaps).unflatten(0, (views, N))
-    if cached:
-        ckpt_lib.atomic_torch_save(out, path)
     return out
 
 
@@ -996,37 +1002,29 @@ def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, te
     (V,N) and the reports' own ``attention_mask`` (N,L), L = ``max_length``. The versions depend on the texts and
     ``seed`` only, not on the run's seed, so every run on a dataset shares one encoding, cached in
     ``workspace("cache", "text")`` by a hash of the tower, the length, the texts and what draws the versions."""
-    import hashlib
-
     from mlip_core.model.encoders import precompute_text_features
     from mlip_core.paths import workspace
 
     texts = [t if isinstance(t, str) else "" for t in texts]
     # Keyed by what determines the versions (the texts, their number, the groups, the seed, the knowledge graph
     # the collator's extractor reads) so that a cached encoding is found without rebuilding them.
-    graph = getattr(getattr(collate, "extractor", None), "graph", None)
-    key = hashlib.sha1(("\x00".join(texts) + f"|swap|{variants}|{group_size}|{seed}|{collate.max_length}|"
-                        f"{graph.fingerprint() if graph is not None else ''}|{text_tower.name}|{max_length}")
-                       .encode("utf-8")).hexdigest()[:16]
-    path = workspace("cache", "text") / f"{text_tower.name}_swap_{key}.pt"
-    cached = getattr(text_tower, "pretrained", False)  # a random tower's features depend on the seed: never cached
-    if path.exists() and cached:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a torn cache file: recompute and overwrite it
-            log.warning("swap feature cache %s unreadable; recomputing", path)
-    swapped, labels = swapped_versions(collate, texts, variants, group_size, seed)
-    flat = [t for version in swapped for t in version]
-    own = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
-    enc = tokenizer(flat, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
-    tokens = precompute_text_features(text_tower, enc, progress=progress)["text_tokens"]
-    N, L = len(texts), enc["input_ids"].shape[1]
-    feats = {"swap_text_tokens": tokens.half().view(variants, N, L, -1),
-             "swap_attention_mask": enc["attention_mask"].view(variants, N, L), "swap_label": labels,
-             "attention_mask": own["attention_mask"]}
-    if cached:
-        ckpt_lib.atomic_torch_save(feats, path)
-    return feats
+    key = cache_key("\x00".join(texts) + f"|swap|{variants}|{group_size}|{seed}|{collate.max_length}|"
+                    f"{_graph_fingerprint(collate)}|{text_tower.name}|{max_length}")
+
+    def build() -> dict[str, torch.Tensor]:
+        swapped, labels = swapped_versions(collate, texts, variants, group_size, seed)
+        flat = [t for version in swapped for t in version]
+        own = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+        enc = tokenizer(flat, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
+        tokens = precompute_text_features(text_tower, enc, progress=progress)["text_tokens"]
+        N, L = len(texts), enc["input_ids"].shape[1]
+        return {"swap_text_tokens": tokens.half().view(variants, N, L, -1),
+                "swap_attention_mask": enc["attention_mask"].view(variants, N, L), "swap_label": labels,
+                "attention_mask": own["attention_mask"]}
+
+    # a random tower's features depend on the seed: never cached
+    return cached_tensors(workspace("cache", "text") / f"{text_tower.name}_swap_{key}.pt", build,
+                          enabled=getattr(text_tower, "pretrained", False), what="swap feature cache")
 
 
 def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | None = None,
