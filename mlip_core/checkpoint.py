@@ -22,6 +22,7 @@ plain ``state_dict`` and the run's config, written by :func:`write_image_tower_e
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -29,6 +30,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -94,9 +96,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str
     """Call ``write(fh)`` on a temporary file beside ``path``, then rename it over ``path`` (:func:`atomic_path`).
     ``mode`` "w" opens text (UTF-8, no newline translation)."""
     kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
-        write(fh)
+    try:
+        with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+            write(fh)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as "unexpected pos" (a RuntimeError)
+        full = disk_full_message(Path(path).parent)
+        if full:
+            raise OSError(errno.ENOSPC, f"{full} ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise
     return Path(path)
+
+
+LOW_DISK_BYTES = 64 * 2**20  # below this, a failed write is reported as a full disk
+
+
+def disk_full_message(folder: Path) -> str:
+    """One line naming ``folder``'s free space and the fix when it is nearly full (below ``LOW_DISK_BYTES``),
+    else ""."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    if free >= LOW_DISK_BYTES:
+        return ""
+    return (f"could not write in {folder}: the disk holds only {free / 2**20:.0f} MiB free; free space (old runs, "
+            "caches and clones) or point MLIP_WORKSPACE at a larger disk, then run again (finished work resumes)")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

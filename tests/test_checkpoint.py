@@ -226,3 +226,27 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed_and_nothing_else(t
     assert sorted(removed) == sorted(stale)
     assert all(not p.exists() for p in stale) and all(p.exists() for p in kept)
     assert remove_leftover_temporaries(tmp_path / "absent", "step_*.pt") == []
+
+
+def test_a_write_that_fails_on_a_nearly_full_disk_says_so_and_names_the_folder(tmp_path, monkeypatch):
+    """torch.save on a full disk raises "unexpected pos"; the atomic writer turns that into one line naming the
+    folder, the free space and the fix, and leaves no temporary file. On a disk with room the error is unchanged."""
+    import collections
+    import errno
+
+    from mlip_core import checkpoint
+
+    def torn(fh):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 76204352 vs 76204240")
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 5 * 2**20, 5 * 2**20))
+    with pytest.raises(OSError) as info:
+        checkpoint.atomic_write(tmp_path / "cache" / "x.pt", torn)
+    assert info.value.errno == errno.ENOSPC
+    assert str(tmp_path / "cache") in str(info.value) and "5 MiB free" in str(info.value)
+    assert "MLIP_WORKSPACE" in str(info.value) and "unexpected pos" in str(info.value)
+    assert not list((tmp_path / "cache").iterdir())
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10 * 2**30, 0, 10 * 2**30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        checkpoint.atomic_write(tmp_path / "cache" / "x.pt", torn)
