@@ -128,6 +128,27 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def cache_key(*parts: Any) -> str:
+    """A short hash of what a cached tensor file was computed from (texts, names, sizes, seeds...)."""
+    return hashlib.sha1("\x00".join(map(str, parts)).encode("utf-8")).hexdigest()[:16]
+
+
+def cached_tensors(path: Path, build: Callable[[], Any], enabled: bool = True, what: str = "cache") -> Any:
+    """``build()``'s tensors (a tensor or a dict of them), read from ``path`` when an earlier build wrote them
+    there (atomically); with ``enabled`` False (e.g. a randomly initialised tower, whose outputs depend on the
+    run's seed) always built and never written. A torn or foreign file is rebuilt and overwritten; several
+    ranks of one torchrun may write it at once, each through its own temporary file."""
+    if enabled and path.exists():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a torn or foreign file: recompute and overwrite it
+            log.warning("%s %s unreadable; recomputing", what, path)
+    out = build()
+    if enabled:
+        atomic_torch_save(out, path)
+    return out
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
     try:

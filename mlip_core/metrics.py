@@ -13,8 +13,8 @@ def embedding_geometry(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[
     """How the paired (N,D) L2-normalised embeddings sit on the sphere (Wang & Isola, ICML 2020, measure the same
     two properties as alignment and uniformity): ``pair_cos`` the mean cosine of each image with its own report;
     ``image_mean_cos`` / ``text_mean_cos`` the mean cosine between two different images / reports. A mean close
-    to 1 means that modality's embeddings crowd into a narrow cone: retrieval *from* it (image->text when the
-    images crowd) then ranks every query's candidates almost alike."""
+    to 1 means that modality's embeddings crowd into a narrow cone: the differences between them, which retrieval
+    ranks by, are a small part of each vector."""
 
     def mean_off_diagonal(e: torch.Tensor) -> float:
         n = e.shape[0]

@@ -53,6 +53,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from mlip_core import checkpoint as ckpt_lib
 from mlip_core.checkpoint import (
+    cache_key,
+    cached_tensors,
     load_model_checkpoint_state,
     model_checkpoint_state,
     omitted_fingerprint,
@@ -833,29 +835,6 @@ class TextFeatureDataset(Dataset):
         return item
 
 
-def cache_key(*parts: Any) -> str:
-    """A short hash of what a cached tensor file was computed from (texts, names, sizes, seeds...)."""
-    import hashlib
-
-    return hashlib.sha1("\x00".join(map(str, parts)).encode("utf-8")).hexdigest()[:16]
-
-
-def cached_tensors(path: Path, build: Callable[[], dict[str, torch.Tensor]], enabled: bool = True,
-                   what: str = "cache") -> dict[str, torch.Tensor]:
-    """``build()``'s tensors, read from ``path`` when an earlier build wrote them there (atomically); with
-    ``enabled`` False (e.g. a randomly initialised tower, whose outputs depend on the run's seed) always built
-    and never written. A torn or unreadable file is rebuilt and overwritten."""
-    if enabled and path.exists():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a torn cache file: recompute and overwrite it
-            log.warning("%s %s unreadable; recomputing", what, path)
-    out = build()
-    if enabled:
-        ckpt_lib.atomic_torch_save(out, path)
-    return out
-
-
 def _graph_fingerprint(collate: Any) -> str:
     graph = getattr(getattr(collate, "extractor", None), "graph", None)
     return graph.fingerprint() if graph is not None else ""
@@ -883,7 +862,7 @@ def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[
     from mlip_core.paths import workspace
 
     texts = [t if isinstance(t, str) else "" for t in texts]
-    key = cache_key("\x00".join(texts) + f"|{text_tower.name}|{max_length}|{text_tower.cfg.pooling}")
+    key = cache_key(*texts, text_tower.name, max_length, text_tower.cfg.pooling)
 
     def build() -> dict[str, torch.Tensor]:
         enc = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
@@ -897,7 +876,7 @@ def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[
 class TrunkFeatureDataset(Dataset):
     """A pretraining dataset whose items carry, instead of an image, the image tower's frozen-stage activations of
     one of the image's precomputed augmented views (:func:`frozen_trunk_features`): ``trunk`` (C,h,w) and, when
-    the patch map lies among the frozen stages, ``trunk_fmap``. The view is drawn with the torch generator, which
+    the patch map is the output of a frozen stage before the last, ``trunk_fmap``. The view is drawn with the torch generator, which
     :class:`SeededDataset` seeds per (run seed, epoch, item). ``images``: the :class:`MimicPretrainDataset` under
     ``base``; it stops decoding images (``load_images = False``)."""
 
@@ -915,8 +894,6 @@ class TrunkFeatureDataset(Dataset):
         item["trunk"] = self.trunk["trunk"][v, i]
         if "trunk_fmap" in self.trunk:
             item["trunk_fmap"] = self.trunk["trunk_fmap"][v, i]
-        elif bool(self.trunk.get("fmap_is_trunk", torch.tensor(False))):
-            item["trunk_fmap"] = item["trunk"]
         return item
 
 
@@ -926,8 +903,9 @@ def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int 
     """``views`` augmented views of every image of ``dataset`` (a :class:`MimicPretrainDataset` with its
     training transform; view v of image i drawn under a generator seeded by (seed, v, i)) through the tower's
     stem and frozen stages (:meth:`~mlip_core.model.encoders.ImageTower.frozen_trunk`), stored in float16:
-    ``trunk`` (V,N,C,h,w), ``trunk_fmap`` (V,N,Cp,hp,wp) when the patch map is a frozen stage's output other than
-    the last, or ``fmap_is_trunk`` when it is the last. Pretrained weights: cached in ``workspace("cache",
+    ``trunk`` (V,N,C,h,w) and ``trunk_fmap`` (V,N,Cp,hp,wp) when the patch map is a frozen stage's output other
+    than the last (the last one's is ``trunk`` itself, which
+    :meth:`~mlip_core.model.encoders.ImageTower.forward_from_trunk` knows). Pretrained weights: cached in ``workspace("cache",
     "trunk")`` by a hash of the image paths, the transform, the tower and its frozen stages, ``views`` and
     ``seed``; a randomly initialised trunk depends on the run's seed and is never cached."""
     from mlip_core.paths import workspace
@@ -948,7 +926,6 @@ def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_si
     N = len(dataset)
     trunks: list[torch.Tensor] = []
     fmaps: list[torch.Tensor] = []
-    fmap_is_trunk = False
     starts = [(v, s) for v in range(views) for s in range(0, N, batch_size)]
     if progress:
         from tqdm.auto import tqdm
@@ -962,12 +939,11 @@ def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_si
                     images.append(dataset[i]["image"])
             x, fmap = tower.frozen_trunk(torch.stack(images).to(device))
             trunks.append(x.half().cpu())
-            fmap_is_trunk = fmap is x
             if fmap is not None and fmap is not x:
                 fmaps.append(fmap.half().cpu())
     finally:
         dataset.load_images = was
-    out = {"trunk": torch.cat(trunks).unflatten(0, (views, N)), "fmap_is_trunk": torch.tensor(fmap_is_trunk)}
+    out = {"trunk": torch.cat(trunks).unflatten(0, (views, N))}
     if fmaps:
         out["trunk_fmap"] = torch.cat(fmaps).unflatten(0, (views, N))
     return out
@@ -1008,8 +984,8 @@ def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, te
     texts = [t if isinstance(t, str) else "" for t in texts]
     # Keyed by what determines the versions (the texts, their number, the groups, the seed, the knowledge graph
     # the collator's extractor reads) so that a cached encoding is found without rebuilding them.
-    key = cache_key("\x00".join(texts) + f"|swap|{variants}|{group_size}|{seed}|{collate.max_length}|"
-                    f"{_graph_fingerprint(collate)}|{text_tower.name}|{max_length}")
+    key = cache_key(*texts, "swap", variants, group_size, seed, collate.max_length, _graph_fingerprint(collate),
+                    text_tower.name, max_length)
 
     def build() -> dict[str, torch.Tensor]:
         swapped, labels = swapped_versions(collate, texts, variants, group_size, seed)

@@ -79,7 +79,7 @@ def test_entity_embeddings_and_configs_are_written_through_the_atomic_writer(tmp
     monkeypatch.setattr(ck, "atomic_write", lambda path, *a, **k: written.append(Path(path).name) or real(path, *a, **k))
     config_lib.save_config(config_lib.Config(), tmp_path / "config.yaml")
     assert written == ["config.yaml"]
-    assert mlip_lib.atomic_torch_save is ck.atomic_torch_save
+    assert mlip_lib.cached_tensors is ck.cached_tensors  # which writes through ck.atomic_torch_save
 
 
 def test_truncated_checkpoint_raises_error_naming_the_file(tmp_path):

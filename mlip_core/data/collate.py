@@ -151,12 +151,14 @@ class PretrainCollator:
         return out, torch.tensor(labels, dtype=torch.long)
 
     # -----------------------------------------------------------------------------------------
-    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise with entity marks: input_ids, attention_mask, token_entity, token_status (B,L)."""
+    def encode(self, texts: Sequence[str], padding: str | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise with entity marks: input_ids, attention_mask, token_entity, token_status (B,L); ``padding``
+        None = the collator's."""
+        padding = self.padding if padding is None else padding
         if self.extractor is not None:
-            return self.extractor.encode(list(texts), self.tokenizer, self.max_length, padding=self.padding)
+            return self.extractor.encode(list(texts), self.tokenizer, self.max_length, padding=padding)
         enc = self.tokenizer(
-            list(texts), max_length=self.max_length, truncation=True, padding=self.padding, return_tensors="pt"
+            list(texts), max_length=self.max_length, truncation=True, padding=padding, return_tensors="pt"
         )
         none = torch.full_like(enc["input_ids"], -1)
         return {
@@ -170,11 +172,7 @@ class PretrainCollator:
         """:meth:`encode` of every text padded to ``max_length`` (N,L), in chunks: items that carry their row
         (``input_ids``, ``attention_mask``, ``token_entity``, ``token_status``) are stacked and cut to the batch's
         longest report instead of being tokenised again, the same tensors :meth:`encode` gives the batch."""
-        padding, self.padding = self.padding, "max_length"
-        try:
-            parts = [self.encode(list(texts[s:s + chunk])) for s in range(0, len(texts), chunk)]
-        finally:
-            self.padding = padding
+        parts = [self.encode(list(texts[s:s + chunk]), padding="max_length") for s in range(0, len(texts), chunk)]
         return {k: torch.cat([p[k] for p in parts]) for k in PRECOMPUTED_TOKEN_KEYS}
 
     def word_indices(self, texts: Sequence[str]) -> torch.Tensor:
@@ -190,8 +188,7 @@ class PretrainCollator:
         """A list of dataset items -> the pretraining batch (see module docstring)."""
         if not items:
             raise ValueError("PretrainCollator got an empty list of items")
-        image_keys = TRUNK_KEYS[:1] if "trunk" in items[0] else ("image",)
-        missing = [k for k in (*image_keys, "text", "labels") if k not in items[0]]
+        missing = [k for k in ("trunk" if "trunk" in items[0] else "image", "text", "labels") if k not in items[0]]
         if missing:
             raise KeyError(f"dataset items lack {missing}; MimicPretrainDataset items have image, text, labels")
         texts = [it["text"] if isinstance(it["text"], str) else "" for it in items]

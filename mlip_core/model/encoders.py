@@ -236,10 +236,13 @@ class ImageTower(nn.Module):
         return x, fmap
 
     def forward_from_trunk(self, x: Tensor, fmap: Tensor | None = None) -> ImageFeatures:
-        """The remaining stages and the head on :meth:`frozen_trunk`'s output."""
+        """The remaining stages and the head on :meth:`frozen_trunk`'s output; ``fmap`` may be left out when the
+        patch map is the last frozen stage's output, ``x`` itself."""
         _, stages, tail, level_stage = self._staged()
         target = level_stage[self._level]
         start = self.frozen_trunk_stages
+        if fmap is None and target == start:
+            fmap = x
         for i, stage in enumerate(stages[start:], start=start + 1):
             x = stage(x)
             if i == target:

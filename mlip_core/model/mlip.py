@@ -18,25 +18,21 @@ tower, the precomputed ``text_tokens`` (B,L,Dt), ``text_sentence`` (B,Dt), ``tex
 from __future__ import annotations
 
 import copy
-import hashlib
-import logging
 import math
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlip_core.checkpoint import atomic_torch_save
+from mlip_core.checkpoint import cache_key, cached_tensors
 from mlip_core.config import Config, LossConfig
 from mlip_core.model.encoders import ImageTower, TextTower
 from mlip_core.objective import Dims, Progress, ProjectionHead, build_objective, local_token_mask
 from mlip_core.paths import workspace
 
-log = logging.getLogger(__name__)
 
 __all__ = ["MLIP", "ProjectionHead", "embed_entities", "local_token_mask"]
 
@@ -334,31 +330,20 @@ def embed_entities(
     pooling); randomly initialised towers are never cached, their vectors depend on the seed.
     """
     texts = list(texts)
-    use_cache = cache and getattr(text_tower, "pretrained", False)
-    path: Path | None = None
-    if use_cache:
-        key = hashlib.sha1(
-            ("\n".join(texts) + f"|{max_length}|{text_tower.cfg.pooling}").encode("utf-8")
-        ).hexdigest()[:16]
-        path = workspace("cache") / f"entities_{_slug(text_tower.name)}_{key}.pt"
-        if path.exists():
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # a torn or foreign file: recompute and overwrite it
-                log.warning("entity embedding cache %s unreadable; recomputing", path)
-    was_training = text_tower.training
-    text_tower.eval()
-    device = next(text_tower.parameters()).device
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        feats = text_tower(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-        chunks.append(feats.sentence.float().cpu())
-    text_tower.train(was_training)
-    out = torch.cat(chunks) if chunks else torch.zeros(0, text_tower.hidden_dim)
-    if path is not None:
-        # Several ranks of one torchrun may write this at once: each through its own temporary file.
-        atomic_torch_save(out, path)
-    return out
+
+    def build() -> Tensor:
+        was_training = text_tower.training
+        text_tower.eval()
+        device = next(text_tower.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            feats = text_tower(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+            chunks.append(feats.sentence.float().cpu())
+        text_tower.train(was_training)
+        return torch.cat(chunks) if chunks else torch.zeros(0, text_tower.hidden_dim)
+
+    key = cache_key("\n".join(texts) + f"|{max_length}|{text_tower.cfg.pooling}")
+    return cached_tensors(workspace("cache") / f"entities_{_slug(text_tower.name)}_{key}.pt", build,
+                          enabled=cache and getattr(text_tower, "pretrained", False), what="entity embedding cache")
