@@ -86,7 +86,8 @@ print(f"{batch}x{batch} similarity matrix (d={dim}): {1e6 * elapsed / repeats:.1
 # $s_{ij}$ between image $i$ and every report $j$ in the batch into a probability
 # $p_{ij} = \exp(s_{ij}/\tau) / \sum_k \exp(s_{ik}/\tau)$ and trains the matching report to win.
 # Cosine similarities live in $[-1, 1]$, so with $\tau = 1$ even a perfect match gets little of the
-# probability mass; $\tau = 0.07$ (CLIP's initial value, and ours) lets one report stand out.
+# probability mass; $\tau$ = {glue:text}`qs_init_tau` (CLIP's initial value, and this book's default,
+# `mlip_core.config.ModelConfig.init_temperature`) lets one report stand out.
 #
 # Below, one image is compared with `num_points` reports: its own report has similarity
 # {glue:text}`qs_own_similarity`, the others are drawn around {glue:text}`qs_other_mean` with a spread of
@@ -95,6 +96,9 @@ print(f"{batch}x{batch} similarity matrix (d={dim}): {1e6 * elapsed / repeats:.1
 
 # %%
 own_similarity, other_mean, other_spread = 0.6, 0.1, 0.15  # an illustration, not a measurement
+from mlip_core.config import ModelConfig  # noqa: E402
+
+glue("qs_init_tau", ModelConfig().init_temperature, display=False)
 for key, value in (("qs_own_similarity", own_similarity), ("qs_other_mean", other_mean),
                    ("qs_other_spread", other_spread)):
     glue(key, value, display=False)

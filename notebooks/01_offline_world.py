@@ -65,6 +65,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pydicom
+from myst_nb import glue
 from PIL import Image
 
 from mlip_core.data.images import pydicom_data_path, read_dicom
@@ -213,7 +214,8 @@ plt.show()
 # MIMIC-CXR-JPG copy, say) is refused with a message instead of being cleaned. From a terminal the same thing is
 # `python -m mlip_core.data.synth --out DIR --num-studies N --seed S --image-size 224`.
 #
-# Patients are drawn first (a patient has 1.5 studies on average and keeps one anatomy across them), then
+# Patients are drawn first (in this world a patient has {glue:text}`world_studies_per_patient` studies on average,
+# counted below, and keeps one anatomy across them), then
 # split 80/10/10 into train/validate/test **by patient**, so that no patient's anatomy leaks from training
 # into evaluation.
 
@@ -228,6 +230,7 @@ print(f"{elapsed:.1f} s")
 # %%
 split = pd.read_csv(world_dir / "mimic-cxr-2.0.0-split.csv")
 meta = pd.read_csv(world_dir / "mimic-cxr-2.0.0-metadata.csv")
+glue("world_studies_per_patient", f"{split.groupby('subject_id')['study_id'].nunique().mean():.2f}", display=False)
 chexpert = pd.read_csv(world_dir / "mimic-cxr-2.0.0-chexpert.csv")
 truth = pd.read_csv(world_dir / "synth" / "labels.csv")
 findings = pd.read_csv(world_dir / "synth" / "findings.csv", keep_default_na=False)

@@ -224,7 +224,8 @@ print("\n".join(claims))
 #
 # ## Where the offline world differs from RSNA Pneumonia
 #
-# - **Size and resolution.** RSNA has 26.7k radiographs at 1024 px (MGCA resizes to 224); here hundreds at 64 px.
+# - **Size and resolution.** RSNA has 26.7k radiographs at 1024 px (the 26,684 images of the RSNA Pneumonia
+#   Detection Challenge's stage-2 training set, Kaggle 2018; MGCA resizes to 224); here hundreds at 64 px.
 # - **Boxes.** Ours are the exact extent of what was drawn; RSNA's were drawn by radiologists, with disagreement.
 # - **Detector.** MGCA uses YOLOv3 on ResNet-50; we use torchvision's RetinaNet with a feature pyramid on the
 #   tower (`mlip_core.transfer.detect` lists every difference, GroupNorm in the heads among them).
