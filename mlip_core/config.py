@@ -117,7 +117,7 @@ class LossConfig:
     gloria_temp1: float = 4.0  # GLoRIA's attention sharpening, word aggregation and logit scale
     gloria_temp2: float = 5.0
     gloria_temp3: float = 10.0
-    # 3. Category level: Sinkhorn swapped prediction over prototypes (+ supervised contrastive).
+    # 3. Category level: Sinkhorn swapped prediction over prototypes (+ supervised contrastive, off by default).
     category: bool = True
     weight_category: float = 1.0
     knowledge_prototypes: bool = True  # initialise prototypes from finding embeddings
@@ -125,7 +125,9 @@ class LossConfig:
     freeze_prototypes_epochs: int = 0  # MGCA freezes its prototypes during the first epoch
     sinkhorn_epsilon: float = 0.05  # SwAV / MGCA
     sinkhorn_iterations: int = 3
-    supcon: bool = True  # supervised contrastive on report labels (images sharing a positive finding)
+    # Supervised contrastive on report labels (images sharing a positive finding; "No Finding" is none): our
+    # addition, not the paper's; off because it cost chapter 05's retrieval more than any other part (book/method.md).
+    supcon: bool = False
     supcon_temperature: float = 0.1
     # 4. Proxy tasks.
     itm: bool = True

@@ -19,7 +19,7 @@ Terms (assembled per config in :mod:`mlip_core.objective`):
   unnormalised features, all pairs at once, chunked; :func:`gloria_local_loop` is GLoRIA's loop,
   :func:`gloria_attention` its attention, :func:`aggregate_wordpieces` its sub-word aggregation.
 - :class:`CategoryLoss` — Sinkhorn-Knopp swapped prediction over prototypes (SwAV / MGCA) and a
-  supervised contrastive term (Khosla et al. 2020) on report labels.
+  supervised contrastive term (Khosla et al. 2020) on report labels (off by default).
 - :func:`mine_hard_negatives`, :func:`itm_loss`, :func:`swap_loss` — ALBEF's hard negatives drawn with a
   temperature, and the proxy tasks' cross-entropies.
 
@@ -36,6 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from mlip_core.knowledge.graph import CHEXPERT_14
 
 NEG = -1.0e4  # a finite "minus infinity" for masked logits: exp underflows to 0, no NaN from 0 * -inf
 
@@ -76,12 +78,30 @@ def gather_features(x: Tensor, world_size: int, with_grad: bool = True) -> Tenso
 # Global
 
 
+NO_FINDING = CHEXPERT_14.index("No Finding")
+
+
+def positive_findings(labels: Tensor) -> Tensor:
+    """(n,14) CheXpert labels (columns in :data:`~mlip_core.knowledge.graph.CHEXPERT_14` order) -> (n,14) float,
+    1 where a finding is positive (==1; NaN/0/-1 are not). The "No Finding" column is always 0: it says the
+    set of findings is empty, so it is not a finding two studies can share. Counted as one, the knowledge guard
+    took every normal-normal pair out of the negatives and SupCon pulled every normal image to one point (64 %
+    of the offline world's training studies, about a third of MIMIC-CXR's, are labelled No Finding); telling
+    near-identical normal reports apart is the divergence encoder's soft targets' job, not the guard's."""
+    if labels.shape[-1] != len(CHEXPERT_14):
+        raise ValueError(f"labels have {labels.shape[-1]} columns; expected the {len(CHEXPERT_14)} CheXpert "
+                         "observations in mlip_core.knowledge.graph.CHEXPERT_14 order")
+    positive = (labels == 1).to(torch.float32)
+    positive[..., NO_FINDING] = 0.0
+    return positive
+
+
 def same_finding_set(labels: Tensor, other: Tensor | None = None) -> Tensor:
     """(n,14),(N,14) CheXpert labels -> (n,N) bool: both rows have the same *non-empty* set of
-    positive (==1) findings. NaN/0/-1 are not positive."""
+    :func:`positive_findings` (so two normal studies are not "the same set")."""
     other = labels if other is None else other
-    a = (labels == 1).to(torch.float32)
-    b = (other == 1).to(torch.float32)
+    a = positive_findings(labels)
+    b = positive_findings(other)
     shared = a @ b.T
     ca, cb = a.sum(1), b.sum(1)
     return (shared == ca[:, None]) & (shared == cb[None, :]) & (ca[:, None] > 0)
@@ -782,11 +802,12 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, world_s
 
 
 def supervised_contrastive(features: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
-    """SupCon (Khosla et al. 2020) with positives = pairs sharing at least one positive finding.
+    """SupCon (Khosla et al. 2020) with positives = pairs sharing at least one of the
+    :func:`positive_findings` ("No Finding" is not one).
 
     (B,d) normalised features, (B,14) CheXpert labels -> (); anchors without a positive are skipped.
     """
-    pos_labels = (labels == 1).to(features.dtype)
+    pos_labels = positive_findings(labels).to(features.dtype)
     B = features.shape[0]
     eye = torch.eye(B, dtype=torch.bool, device=features.device)
     positive = ((pos_labels @ pos_labels.T) > 0) & ~eye
@@ -801,7 +822,7 @@ def supervised_contrastive(features: Tensor, labels: Tensor, temperature: float 
 
 
 class CategoryLoss(nn.Module):
-    """Swapped prediction over prototypes (MGCA's prototype loss) + supervised contrastive.
+    """Swapped prediction over prototypes (MGCA's prototype loss), + supervised contrastive with ``supcon``.
 
     ``forward(image (B,d), text (B,d), prototypes (K,d), labels (B,14)|None)``, all normalised.
     Codes come from Sinkhorn on each modality's scores and are predicted from the other modality's
@@ -813,7 +834,7 @@ class CategoryLoss(nn.Module):
         temperature: float = 0.2,
         epsilon: float = 0.05,
         iterations: int = 3,
-        supcon: bool = True,
+        supcon: bool = False,
         supcon_temperature: float = 0.1,
         world_size: int | None = None,
     ) -> None:

@@ -25,7 +25,7 @@
 # (per secondary summaries) two proxy tasks, image–text matching and text swapping. The concrete
 # formulas below — ALBEF-style soft targets from a momentum encoder, the knowledge guard on negatives,
 # MGCA's token-level loss with knowledge-fused tokens, SwAV/MGCA prototypes initialised from knowledge
-# embeddings plus a supervised contrastive term, ALBEF's hard-negative ITM — are *our* reading of
+# embeddings (a supervised contrastive term on labels is available, off by default), ALBEF's hard-negative ITM — are *our* reading of
 # those parts, chosen to be faithful and checkable; the tests in `tests/test_losses.py` pin each one.
 #
 # **What you will learn.** What each tower returns, which heads sit on top, what each loss term rewards and
@@ -245,8 +245,11 @@ landscape.pivot(index="shuffled", columns="term", values="loss").round(3)
 # share some of the target mass instead of being pushed away as hard negatives. As an illustration we
 # stand in for a well-trained momentum model with the text tower's own sentence vectors (image = its
 # report), so $s^m$ is report–report similarity. The knowledge guard, on the right, removes pairs whose
-# reports state the same non-empty set of positive findings (here the extractor's labels, where
-# "No Finding" counts as a finding) from each other's negatives.
+# reports state the same non-empty set of positive findings (here the extractor's labels) from each other's
+# negatives. "No Finding" is not a finding two reports can share: it says the set is empty. Counted as one, it
+# would take every normal–normal pair out of the negatives (most pairs in a batch of mostly normal studies) and,
+# in the category term's SupCon (when switched on), pull every normal image to one point; near-identical normal reports are what
+# the soft targets on the left are for.
 
 # %%
 with torch.no_grad():

@@ -314,9 +314,9 @@ if len(mlip_vs_convirt):
 #   projections) spend part of the budget learning themselves. Differences that are within the spread here may
 #   open up with longer training — the `gpu` profile runs the same grid at a larger scale.
 # - **Where the offline world differs from MIMIC-CXR.** {glue:text}`abl_normal_share` of the studies are
-#   labelled normal (No Finding) and their reports near-identical: exactly the false negatives the divergence encoder and the knowledge guard are meant to
-#   handle, but also a hard ceiling on retrieval (chapter `05_pretraining` computes it). The pretraining labels
-#   that the knowledge guard and SupCon read come from our labeler run on the report text, as MIMIC's CheXpert
+#   labelled normal (No Finding) and their reports near-identical: exactly the false negatives the divergence
+#   encoder's soft targets are meant to handle (the knowledge guard leaves them: No Finding is not a finding), but also a hard ceiling on retrieval (chapter `05_pretraining` computes it). The pretraining labels
+#   that the knowledge guard reads come from our labeler run on the report text, as MIMIC's CheXpert
 #   labels do — with its errors (chapter `01_offline_world` measures them against what was drawn).
 
 # %% [markdown]

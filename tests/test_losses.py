@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mlip_core.knowledge.graph import CHEXPERT_14
 from mlip_core.losses import (
     CategoryLoss,
     GloriaLocalLoss,
@@ -101,19 +102,24 @@ def test_soft_targets_follow_albef_formula_and_decompose_into_infonce_plus_kl():
 
 
 def test_same_finding_set_needs_equal_nonempty_positive_sets():
-    lab = labels_from_sets([{1, 4}, {1, 4}, {1}, set(), set(), {8}])
+    lab = labels_from_sets([{1, 4}, {1, 4}, {1}, set(), set(), {8}, {8}, {13}])
     lab[2, 4] = -1.0  # uncertain is not positive: row 2 stays {1}
     lab[3, 4] = float("nan")
     same = same_finding_set(lab)
     assert same[0, 1] and same[1, 0] and same[0, 0]
     assert not same[0, 2] and not same[2, 0]
     assert not same[3, 4] and not same[3, 3]  # empty sets are never "the same finding set"
-    assert same[5, 5] and not same[5, 0]
+    # "No Finding" (column 8) says the set is empty: two normal studies are not guarded from each other
+    assert CHEXPERT_14[8] == "No Finding"
+    assert not same[5, 6] and not same[5, 5] and not same[5, 3]
+    assert same[7, 7] and not same[7, 0]  # Support Devices is a finding like any other
+    with pytest.raises(ValueError, match="CHEXPERT_14"):
+        same_finding_set(lab[:, :13])
 
 
 def test_knowledge_guard_removes_same_finding_pairs_from_the_negatives():
     img, txt = paired(B=6)
-    lab = labels_from_sets([{8}, {8}, {1}, {2}, set(), set()])  # 0 and 1 share "No Finding"
+    lab = labels_from_sets([{1}, {1}, {8}, {8}, set(), {2}])  # 0 and 1 share Cardiomegaly; 2, 3 are normal
     out = GlobalContrastiveLoss(soft_alpha=0.0, knowledge_negatives=True)(img, txt, SCALE, labels=lab)
     logits = SCALE * img @ txt.T
     keep = ~same_finding_set(lab) | torch.eye(6, dtype=torch.bool)
@@ -527,6 +533,9 @@ def test_supervised_contrastive_pulls_images_that_share_a_finding():
     assert supervised_contrastive(grouped, lab) < supervised_contrastive(mixed, lab)
     no_pos = labels_from_sets([{1}, {2}, set(), {3}])
     assert supervised_contrastive(grouped, no_pos) == 0.0
+    # two normal ("No Finding") studies are not positives of each other
+    normal = labels_from_sets([{8}, {8}, {8, 2}, {3}])
+    assert supervised_contrastive(grouped, normal) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
