@@ -49,3 +49,15 @@ def show_examples(dataset: str, publish_examples: bool, **roots: str | None) -> 
     if not allowed:
         print(withheld_line(dataset, **roots))
     return allowed
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table (header from the first row's keys) for ``IPython.display.Markdown``: unlike a DataFrame's
+    HTML, its cells keep Markdown such as *emphasis*. Pipes inside cells are escaped."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)

@@ -127,7 +127,7 @@ pd.DataFrame([{
 # An image is a sum of densities seen through an exposure curve: soft tissue, mediastinum, heart, ribs,
 # clavicles and spine add density; the air in the lungs removes it; findings put density back (fluid,
 # consolidation) or remove more (pneumothorax); metal adds a lot. The lung outlines are **real**:
-# `torchxrayvision` ships 517 hand-drawn lung masks, and the 433 with two clean lungs side by side become
+# `torchxrayvision` ships {glue:text}`lung_masks_total` hand-drawn lung masks, and the {glue:text}`lung_templates_used` with two clean lungs side by side become
 # templates, stretched to each patient's thorax. Lung findings are placed in template coordinates, so an
 # effusion sits at *that* lung's costophrenic angle and a "left upper lobe" opacity in that lung's upper
 # third, whatever the pose.
@@ -136,20 +136,20 @@ pd.DataFrame([{
 # logistic regression on raw 32×32 pixels then did as well as a pretrained encoder with 10% of the labels,
 # because each finding always landed on the same pixels (the raw-pixel floor below measures this world). Nothing
 # about representation learning could be learned from that world. So this renderer varies, per patient or
-# per image, everything real radiographs vary and none of which is a label (the ranges are the renderer's
-# design constants, drawn in `mlip_core.data.synth_render.sample_patient` and `sample_scene`, not measurements):
-#
-# | varies | how | why it matters |
-# |---|---|---|
-# | lung shape | one of 433 real outlines per patient, width/height jitter | findings follow anatomy, not pixels |
-# | body size | lung width 0.60–0.78 of the frame, soft-tissue thickness | scale invariance |
-# | heart | cardiothoracic ratio 0.37–0.47 when normal (0.54–0.70 with cardiomegaly), position and density jitter | cardiomegaly is a *ratio*, not a blob size |
-# | pose | rotation 3° s.d., shift 4–4.5% s.d., zoom 0.85–1.12 | no fixed pixel per finding |
-# | inspiration | lung height ×0.9–1.1 (×0.8 / ×1.14 for hypo-/hyperinflation) | |
-# | exposure | attenuation, window, gamma, heel effect, quantum noise | intensity invariance |
-# | view | PA or AP (AP: magnified heart, higher clavicles, "PORTABLE") | a real confounder |
-# | nuisance | ECG leads, burned-in side markers and text | shortcuts a model must ignore |
-#
+# per image, everything real radiographs vary and none of which is a label. The ranges are the renderer's
+# design constants, not measurements; the table is built from the same constants that
+# `mlip_core.data.synth_render.sample_patient` and `sample_scene` draw from (`variation_table`).
+
+# %% tags=["remove-input"]
+from mlip_core.data.synth_render import variation_table  # noqa: E402
+from mlip_core.notebook import markdown_table  # noqa: E402
+
+templates = lung_templates()
+glue("lung_templates_used", len(templates), display=False)
+glue("lung_masks_total", len(templates) + templates.skipped, display=False)
+Markdown(markdown_table(variation_table()))
+
+# %% [markdown]
 # Below: one patient, no findings, six images — only positioning, exposure and nuisance change.
 
 # %%

@@ -168,3 +168,20 @@ def test_nuisance_varies_across_images_of_one_patient():
 def test_burned_in_glyphs_have_ink():
     g = glyph("PORTABLE", 12)
     assert g.shape[0] >= 8 and g.shape[1] > g.shape[0] and g.max() > 0.9
+
+
+def test_variation_table_states_the_ranges_the_renderer_draws():
+    from mlip_core.data import synth_render
+    from mlip_core.data.synth_render import variation_table
+
+    rng = np.random.default_rng(0)
+    patients = [sample_patient(rng) for _ in range(400)]
+    how = {row["varies"]: row["how"] for row in variation_table()}
+    for values, (lo, hi), varies in (([p.lung_width for p in patients], synth_render.LUNG_WIDTH, "body size"),
+                                     ([p.ctr for p in patients], synth_render.NORMAL_CTR, "heart")):
+        assert lo <= min(values) < lo + 0.01 and hi - 0.01 < max(values) <= hi  # the draws fill the stated range
+        assert f"{lo:g}–{hi:g}" in how[varies]
+    zooms = [sample_scene(rng, patients[0], [], size=32, view="PA").zoom for _ in range(300)]
+    lo, hi = synth_render.ZOOM
+    assert lo <= min(zooms) and max(zooms) <= hi and f"zoom {lo:g}–{hi:g}" in how["pose"]
+    assert f"one of {len(synth_render.lung_templates())} real outlines" in how["lung shape"]

@@ -10,7 +10,7 @@ frame rotated, shifted and zoomed (``Scene.rotation/shift/zoom``). *Template* co
 findings (effusion level, lobe zone, collapsed lung) follow the lung's real shape and move with the pose.
 
 What varies, and why: a renderer with a fixed pose lets a pixel-wise linear model find each finding at a fixed
-place (measured: 0.77 AUROC from raw 32x32 pixels). So body size, lung shape (433 real outlines), heart size
+place (measured: 0.77 AUROC from raw 32x32 pixels). So body size, lung shape (real outlines), heart size
 and position, rotation, shift, zoom, inspiration, exposure, contrast, noise, PA/AP view, ECG leads and
 burned-in markers all vary per patient or per image, and none of them is a label.
 """
@@ -28,11 +28,23 @@ from mlip_core.data.synth_anatomy import TEMPLATE_SIZE, glyph, lung_templates, v
 from mlip_core.data.synth_findings import DEVICE_KINDS, Finding
 
 __all__ = ["Patient", "Scene", "Instance", "Rendered", "sample_patient", "sample_scene", "render",
-           "ANATOMY_LABELS", "with_findings"]
+           "ANATOMY_LABELS", "with_findings", "variation_table"]
 
 T = TEMPLATE_SIZE
 ANATOMY_LABELS = {0: "background", 1: "right lung", 2: "left lung", 3: "heart"}
 _MARKER_TEXTS = ["PORTABLE", "UPRIGHT", "SEMI-ERECT", "SUPINE", "AP", "PA", "STANDING", "INSP", "CXR"]
+
+# The renderer's design ranges (uniform draws unless a standard deviation is named), drawn by sample_patient and
+# sample_scene; chapter 01 prints its table of what varies from these (variation_table).
+LUNG_WIDTH = (0.6, 0.78)  # of the frame
+NORMAL_CTR = (0.37, 0.47)  # cardiothoracic ratio without cardiomegaly
+CTR_BY_SEVERITY = {"mild": (0.54, 0.58), "moderate": (0.58, 0.64), "severe": (0.64, 0.7)}
+AP_HEART_MAGNIFICATION = 1.06
+ROTATION_SD, ROTATION_CLIP = 3.0, 7.0  # degrees
+SHIFT_SD = (0.045, 0.04)  # of the frame, horizontal and vertical
+ZOOM = (0.85, 1.12)
+INSPIRATION = (0.9, 1.1)  # lung height factor
+HYPERINFLATION, HYPOINFLATION = 1.14, 0.8  # inspiration factors of those findings
 
 
 @dataclass(frozen=True)
@@ -103,9 +115,9 @@ def sample_patient(rng: np.random.Generator) -> Patient:
     n = len(lung_templates())
     return Patient(
         template=int(rng.integers(n)),
-        lung_width=float(rng.uniform(0.6, 0.78)),
+        lung_width=float(rng.uniform(*LUNG_WIDTH)),
         aspect_jitter=float(rng.uniform(0.9, 1.1)),
-        ctr=float(rng.uniform(0.37, 0.47)),
+        ctr=float(rng.uniform(*NORMAL_CTR)),
         heart_dx=float(rng.normal(0.09, 0.025)),
         heart_dy=float(rng.normal(0.0, 0.03)),
         body_fat=float(rng.uniform(0.0, 1.0)),
@@ -116,9 +128,6 @@ def sample_patient(rng: np.random.Generator) -> Patient:
     )
 
 
-_CTR_BY_SEVERITY = {"mild": (0.54, 0.58), "moderate": (0.58, 0.64), "severe": (0.64, 0.7)}
-
-
 def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Finding] | tuple[Finding, ...],
                  size: int = 224, view: str | None = None) -> Scene:
     """Draw positioning, exposure and nuisance for one image of ``patient`` showing ``findings``."""
@@ -126,11 +135,11 @@ def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Find
     if view is None:
         p_ap = 0.55 if "device" in names else 0.2
         view = "AP" if rng.random() < p_ap else "PA"
-    inspiration = float(rng.uniform(0.9, 1.1))
+    inspiration = float(rng.uniform(*INSPIRATION))
     if "hyperinflation" in names:
-        inspiration *= 1.14
+        inspiration *= HYPERINFLATION
     if "hypoinflation" in names:
-        inspiration *= 0.8
+        inspiration *= HYPOINFLATION
     markers = []
     side_marker = str(rng.choice(["L", "R"]))
     mx = float(rng.uniform(0.03, 0.12)) if rng.random() < 0.5 else float(rng.uniform(0.82, 0.93))
@@ -148,9 +157,9 @@ def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Find
         size=int(size),
         seed=int(rng.integers(2**31)),
         view=view,
-        rotation=float(np.clip(rng.normal(0.0, 3.0), -7.0, 7.0)),
-        shift=(float(rng.normal(0.0, 0.045)), float(rng.normal(0.0, 0.04))),
-        zoom=float(rng.uniform(0.85, 1.12)) * (1.05 if view == "AP" else 1.0),
+        rotation=float(np.clip(rng.normal(0.0, ROTATION_SD), -ROTATION_CLIP, ROTATION_CLIP)),
+        shift=(float(rng.normal(0.0, SHIFT_SD[0])), float(rng.normal(0.0, SHIFT_SD[1]))),
+        zoom=float(rng.uniform(*ZOOM)) * (1.05 if view == "AP" else 1.0),
         inspiration=inspiration,
         lung_top=float(rng.uniform(0.1, 0.17)) - (0.03 if view == "AP" else 0.0),
         exposure=float(rng.uniform(1.6, 2.8)),
@@ -163,6 +172,35 @@ def sample_scene(rng: np.random.Generator, patient: Patient, findings: list[Find
         ecg_leads=int(rng.choice([0, 0, 0, 2, 3, 4])) if view == "PA" else int(rng.choice([0, 3, 4, 5])),
         markers=tuple(markers),
     )
+
+
+def variation_table() -> list[dict[str, str]]:
+    """What the renderer varies per patient or per image, none of it a label: rows of ``varies``, ``how`` (from
+    this module's design ranges, so the table cannot drift from the draws) and ``why it matters``."""
+    def span(r: tuple[float, float], pct: bool = False) -> str:
+        return f"{round(100 * r[0], 2):g}–{round(100 * r[1], 2):g}%" if pct else f"{r[0]:g}–{r[1]:g}"
+
+    cardio = (min(lo for lo, _ in CTR_BY_SEVERITY.values()), max(hi for _, hi in CTR_BY_SEVERITY.values()))
+    return [
+        {"varies": "lung shape", "how": f"one of {len(lung_templates())} real outlines per patient, width/height jitter",
+         "why it matters": "findings follow anatomy, not pixels"},
+        {"varies": "body size", "how": f"lung width {span(LUNG_WIDTH)} of the frame, soft-tissue thickness",
+         "why it matters": "scale invariance"},
+        {"varies": "heart", "how": f"cardiothoracic ratio {span(NORMAL_CTR)} when normal ({span(cardio)} with "
+                                   f"cardiomegaly, ×{AP_HEART_MAGNIFICATION:g} on AP), position and density jitter",
+         "why it matters": "cardiomegaly is a *ratio*, not a blob size"},
+        {"varies": "pose", "how": f"rotation {ROTATION_SD:g}° s.d. (at most {ROTATION_CLIP:g}°), shift "
+                                  f"{span(SHIFT_SD[::-1], pct=True)} s.d., zoom {span(ZOOM)}",
+         "why it matters": "no fixed pixel per finding"},
+        {"varies": "inspiration", "how": f"lung height ×{span(INSPIRATION)} (×{HYPOINFLATION:g} / ×{HYPERINFLATION:g} "
+                                         "for hypo-/hyperinflation)", "why it matters": ""},
+        {"varies": "exposure", "how": "attenuation, window, gamma, heel effect, quantum noise",
+         "why it matters": "intensity invariance"},
+        {"varies": "view", "how": 'PA or AP (AP: magnified heart, higher clavicles, "PORTABLE")',
+         "why it matters": "a real confounder"},
+        {"varies": "nuisance", "how": "ECG leads, burned-in side markers and text",
+         "why it matters": "shortcuts a model must ignore"},
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -307,10 +345,10 @@ def render(scene: Scene) -> Rendered:
     cardio = next((f for f in scene.findings if f.name == "cardiomegaly"), None)
     ctr = p.ctr
     if cardio is not None:
-        lo_, hi_ = _CTR_BY_SEVERITY[cardio.severity]
+        lo_, hi_ = CTR_BY_SEVERITY[cardio.severity]
         ctr = float(_finding_rng(scene.seed, cardio, 0).uniform(lo_, hi_))
     if scene.view == "AP":
-        ctr *= 1.06  # AP magnifies the heart: a real confounder of the cardiothoracic ratio
+        ctr *= AP_HEART_MAGNIFICATION  # AP magnifies the heart: a real confounder of the cardiothoracic ratio
     # An ellipse whose long axis runs from the right atrium down to the apex (patient left, image right);
     # the semi-axes are set so that its horizontal extent is exactly ctr * (lung width).
     th_h = np.deg2rad(p.heart_axis)
