@@ -177,7 +177,22 @@ print(f"{task.name}: {(task.df['split'] == 'train').sum()} training and {(task.d
       f"test images; training images per fraction: "
       + ", ".join(f"{f:.0%}: {int(masks[(f, 0)].sum())}" for f in fractions))
 glue("abl_min_test_pos", int(positives["test"].min()), display=False)
+# what the smallest fraction leaves a probe to learn from: its images and the fewest positives of a label in them
+train_labels = task.split("train")[task.labels].to_numpy() == 1
+smallest = min(fractions)
+glue("abl_small_fraction", f"{smallest:.0%}", display=False)
+glue("abl_small_images", int(np.mean([m.sum() for (f, _), m in masks.items() if f == smallest])), display=False)
+glue("abl_small_min_pos", int(min(train_labels[m].sum(0).min() for (f, _), m in masks.items() if f == smallest)),
+     display=False)
 positives.rename(columns=lambda c: f"{c} positives")
+
+# %% [markdown]
+# At {glue:text}`abl_small_fraction` of the labels a probe learns from {glue:text}`abl_small_images` images, and
+# in the sparsest of the draws a label has {glue:text}`abl_small_min_pos` positives among them: that column
+# measures mostly which images were drawn, and its differences are read against the spread below. CheXpert's
+# 1% is about two thousand images; this world's is a handful, because every tower of the grid is probed on every
+# image of the world and the book's budget sets the world's size. The larger fraction is the one that can tell
+# encoders apart here.
 
 # %%
 baselines = init_encoders(runs)
@@ -315,7 +330,8 @@ if len(mlip_vs_convirt):
 #   open up with longer training — the `gpu` profile runs the same grid at a larger scale.
 # - **Where the offline world differs from MIMIC-CXR.** {glue:text}`abl_normal_share` of the studies are
 #   labelled normal (No Finding) and their reports near-identical: exactly the false negatives the divergence
-#   encoder's soft targets are meant to handle (the knowledge guard leaves them: No Finding is not a finding), but also a hard ceiling on retrieval (chapter `05_pretraining` computes it). The pretraining labels
+#   encoder's soft targets are meant to handle (the knowledge guard leaves them: No Finding is not a finding),
+#   but also a hard ceiling on retrieval (chapter `05_pretraining` computes it). The pretraining labels
 #   that the knowledge guard reads come from our labeler run on the report text, as MIMIC's CheXpert
 #   labels do — with its errors (chapter `01_offline_world` measures them against what was drawn).
 
