@@ -12,6 +12,8 @@ problem) on
   error, an error output (``output traceback``), or an ``output stderr`` block containing "Error";
 * a progress-bar wall: many tqdm lines (``12%|``, ``it/s]``) in the outputs of one page, or tqdm's
   "IProgress not found" warning;
+* a Markdown table an output displayed that was not rendered as a table (its ``|---|`` row shows as text:
+  the book's Markdown output format has no tables);
 
 and prints a table ``page | images | figures expected | problems`` first.
 
@@ -225,6 +227,22 @@ def _first_line(text: str, pattern: re.Pattern) -> str:
     return ""
 
 
+# the delimiter row of a Markdown table left as text (Sphinx's smartquotes turn --- into an em dash)
+RAW_TABLE_RE = re.compile(r"^\s*\|(\s*:?[-\u2013\u2014]+:?\s*\|)+\s*$", re.M)
+PARAGRAPH_RE = re.compile(r"<p>(.*?)</p>", re.S)
+
+
+def raw_markdown_tables(page_html: str) -> list[str]:
+    """The first line of every paragraph of ``page_html`` that is a Markdown table left as text (a cell's
+    displayed Markdown parsed without table support shows its pipes and its ``|---|`` row as a paragraph)."""
+    found = []
+    for m in PARAGRAPH_RE.finditer(page_html):
+        text = html.unescape(re.sub(r"<[^>]+>", "", m.group(1)))
+        if RAW_TABLE_RE.search(text):
+            found.append(text.strip().splitlines()[0][:100])
+    return found
+
+
 def output_problems(outputs: list[dict]) -> list[str]:
     problems: list[str] = []
     progress_lines = 0
@@ -256,7 +274,9 @@ def check_page(page: Path, html_root: Path, book_dir: Path | None, chromium: str
     missing_paths = {p for _, _, p in missing}
     for kind, url, _ in missing:
         report.problems.append(f"404 {kind}: {url}")
-    redirect = REFRESH_RE.search(page.read_text(encoding="utf-8", errors="replace"))
+    source = page.read_text(encoding="utf-8", errors="replace")
+    report.problems.extend(f"Markdown table shown as text: {first}" for first in raw_markdown_tables(source))
+    redirect = REFRESH_RE.search(source)
     if redirect:  # jupyter-book's index.html only forwards to the root page, which is checked itself
         target = local_file(html.unescape(redirect.group(1)), page.parent)
         if target is not None and not target.is_file():

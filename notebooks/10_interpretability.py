@@ -220,7 +220,7 @@ if has_attention:
         glue(f"int_attn_{metric}", f"{v['mean_a']:.3f} ± {v['sd_a']:.3f}", display=False)
         glue(f"int_attn_{metric}_verdict", verdict, display=False)
         glue(f"int_attn_{metric}_diff", f"{v['diff']:+.3f} (spread {v['spread']:.3f})", display=False)
-        glue(f"int_attn_seeds", v["seeds_a"], display=False)
+    glue("int_attn_seeds", v["seeds_a"], display=False)  # the same for both metrics: glued once
 else:
     sentences.append(f"{spread_config} has no attention maps in this grid (no local term or not trained).")
     for metric in ("pointing", "iou"):

@@ -155,6 +155,14 @@ def test_output_problems_without_a_browser():
     ]
 
 
+def test_a_markdown_table_left_as_text_is_found():
+    raw = ('<div class="cell_output docutils container"><p>| profile | time |\n|\u2014|\u2014|\n'
+           '| <code>ci</code> | 1 min |</p></div>')
+    assert check_book.raw_markdown_tables(raw) == ["| profile | time |"]
+    rendered = "<table><tr><th>profile</th></tr></table><p>a | b, and |x| in prose</p>"
+    assert check_book.raw_markdown_tables(rendered) == []
+
+
 def test_check_book_in_chromium_reports_exactly_the_planted_problems(tmp_path, capsys):
     if check_book.find_chromium() is None:
         pytest.skip("Chromium is not installed (apt-get install -y chromium); `make check-book` installs it")
