@@ -16,8 +16,8 @@
 #
 # **What you will learn.** Whether the pretrained towers help a detector *find* findings with few labelled
 # boxes: a RetinaNet with a feature pyramid on each frozen tower learns to box lung opacities (RSNA Pneumonia's
-# task) from 1% and 10% of the training images, scored by mean average precision at the IoU threshold `0.5` and
-# averaged over the thresholds `0.40:0.05:0.75`, as MGCA and MLIP report RSNA; then the same detector on a second
+# task) from 1% and 10% of the training images, scored by mean average precision at the IoU threshold {glue:text}`det_iou_single` and
+# averaged over the thresholds {glue:text}`det_iou_grid`, as MGCA and MLIP report RSNA; then the same detector on a second
 # task, foreign objects (Object-CXR's), where what must be found is metal, not disease.
 #
 # **What it needs.** The towers of chapter `06_ablations`. The RSNA- and Object-CXR-layout worlds are rendered
@@ -71,12 +71,18 @@ from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup, show_examples
 from mlip_core.paths import workspace
 from mlip_core.results import mean_std, mean_std_table, write_results
-from mlip_core.transfer.detect import detection_data, detection_sweep
+from mlip_core.transfer.detect import IOU_THRESHOLDS, METRICS, detection_data, detection_sweep
 
 device = setup(seed)
 method_list = [m.strip() for m in methods.split(",") if m.strip()]
 fractions = [float(f) for f in label_fractions.split(",") if f.strip()]
 print(f"device: {device}; methods {method_list}; label fractions {fractions}; mode {mode}")
+# the scoring protocol (mlip_core.transfer.detect.IOU_THRESHOLDS, MGCA's), glued into the prose below
+iou_step = round(IOU_THRESHOLDS[1] - IOU_THRESHOLDS[0], 2)
+glue("det_iou_grid", f"{IOU_THRESHOLDS[0]:.2f}:{iou_step:.2f}:{IOU_THRESHOLDS[-1]:.2f}", display=False)
+glue("det_iou_range", f"{IOU_THRESHOLDS[0]:.2f}–{IOU_THRESHOLDS[-1]:.2f}", display=False)
+glue("det_iou_top", f"{IOU_THRESHOLDS[-1]:.2f}", display=False)
+glue("det_iou_single", METRICS[0].split("@")[1], display=False)  # "mAP@0.5"
 
 # %% [markdown]
 # ## The data
@@ -211,7 +217,7 @@ print("\n".join(claims))
 #
 # MLIP against random init: {glue:text}`det_claims`.
 #
-# At the largest fraction the best pretrained tower reaches an mAP (IoU `0.40–0.75`) of {glue:text}`det_best`,
+# At the largest fraction the best pretrained tower reaches an mAP (IoU {glue:text}`det_iou_range`) of {glue:text}`det_best`,
 # against {glue:text}`det_imagenet` for ImageNet init and {glue:text}`det_random` for random init;
 # {glue:text}`det_n_beyond` of the {glue:text}`det_n_checks` differences from ConVIRT exceed the spread of the
 # pretraining seeds.
@@ -219,7 +225,7 @@ print("\n".join(claims))
 # - **Few boxes, few steps.** At 1% the detector sees a handful of images; a frozen backbone helps exactly
 #   there, because only the pyramid and heads must be learnt. The absolute mAPs are low at this budget; the
 #   comparison between rows, read against the seeds' spread, is the result.
-# - **Strict thresholds on small images.** A small opacity box loses the top threshold (`0.75`) by a shift of two
+# - **Strict thresholds on small images.** A small opacity box loses the top threshold ({glue:text}`det_iou_top`) by a shift of two
 #   pixels; the mean over the thresholds rewards coarse localisation more than the upper ones do.
 #
 # ## Where the offline world differs from RSNA Pneumonia
@@ -288,7 +294,7 @@ print("\n".join(obj_lines))
 obj_checks[["fraction", "method", "diff", "spread", "exceeds"]].round(4)
 
 # %% [markdown]
-# mAP (IoU `0.40–0.75`) for foreign objects on {glue:text}`obj_test_images` test images,
+# mAP (IoU {glue:text}`det_iou_range`) for foreign objects on {glue:text}`obj_test_images` test images,
 # {glue:text}`obj_summary`; {glue:text}`obj_n_beyond` of the
 # {glue:text}`obj_n_checks` differences from ConVIRT exceed the spread of the pretraining seeds. Reports name
 # devices ("endotracheal tube in place"), so report-supervised towers have a reason to encode them; whether they
