@@ -417,6 +417,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.best_value: float | None = None
+        self._param_list: list[nn.Parameter] | None = None  # every parameter, listed once for clipping
         self.ckpt_dir = self.run_dir / "checkpoints"
         # Frozen pretrained weights never change: fingerprinted once, left out of every checkpoint.
         self._omitted_fingerprint = omitted_fingerprint(self.module)
@@ -562,6 +563,7 @@ class Trainer:
         sampler = ResumableSampler(len(self.train_set), self.dist.world_size, self.dist.rank, seed=tc.seed)  # type: ignore
         did_val_at: int | None = None
         start_step = self.step
+        self.forward_model.train()
         try:
             while self.step < stop_at:
                 sampler.set_epoch(self.epoch)
@@ -636,7 +638,8 @@ class Trainer:
         """Forward + backward of one micro-batch; gradients sync over ranks only on the last one."""
         batch.pop("_meta", None)
         batch = _to_device(batch, self.device, self.tc.channels_last)
-        self.forward_model.train()
+        if not self.forward_model.training:  # train() walks every module (7 ms a step for MLIP on a CPU):
+            self.forward_model.train()        # only validation changes the mode, and it restores it
         sync = contextlib.nullcontext()
         if self.dist.distributed and not last_micro and hasattr(self.forward_model, "no_sync"):
             sync = self.forward_model.no_sync()
@@ -663,7 +666,9 @@ class Trainer:
         self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # the lr this step uses
         # The total gradient norm is logged whether or not it is clipped (inf = measure only).
         max_norm = tc.clip_grad_norm if tc.clip_grad_norm > 0 else float("inf")
-        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        if self._param_list is None:  # walking the module tree: 1.3 ms a step (MLIP, CPU)
+            self._param_list = list(self.module.parameters())
+        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self._param_list, max_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -170,6 +170,24 @@ def test_momentum_encoder_gets_no_gradient_and_moves_by_the_ema_rule(batch):
         assert torch.equal(b, bm)
 
 
+def test_momentum_update_follows_tensors_that_a_conversion_replaced():
+    """momentum_update lists its tensors once; .to()/.double() put new buffer tensors in the modules, and the EMA
+    must then copy into those, not into the replaced ones."""
+    torch.manual_seed(0)
+    model = MLIP(small("mlip"), entity_embeddings(), prototype_entities=[0, 1])
+    model.momentum_update(0.5)  # lists the tensors
+    model.double()  # new buffer tensors (parameters keep their objects)
+    bn = next(m for m in model.image_tower.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean.add_(1.0)
+    p = next(q for q in model.image_proj.parameters())
+    with torch.no_grad():
+        p.add_(1.0)
+    model.momentum_update(0.5)
+    bn_m = dict(model.image_tower_m.named_modules())[next(n for n, m in model.image_tower.named_modules() if m is bn)]
+    assert torch.equal(bn_m.running_mean, bn.running_mean) and bn_m.running_mean.dtype == torch.float64
+    p_m = next(q for q in model.image_proj_m.parameters())
+    assert torch.allclose(p_m, p - 0.5)  # halfway towards the online weight that moved by 1
+
 def test_momentum_rate_warms_up_then_holds_the_configured_rate():
     model = MLIP(small("mlip_no_knowledge_fusion"), entity_embeddings(), prototype_entities=[0])
     m = model.config.model.momentum
