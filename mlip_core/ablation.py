@@ -170,6 +170,22 @@ def probe_rows(runs: pd.DataFrame, task: Any, masks: dict[tuple[float, int], np.
     return rows, pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
+def zeroshot_rows(runs: pd.DataFrame, task: Any, cache_root: str | os.PathLike, device: str = "cpu"
+                  ) -> list[dict[str, Any]]:
+    """Zero-shot scores of every run on ``task``'s test split, from the knowledge-graph prompts of
+    :func:`mlip_core.transfer.zeroshot.zeroshot_prompts` (no label is used): rows of task ``zeroshot``, fraction
+    0, the run's config as method and its pretraining seed as seed, metric ``macro_AUROC`` and ``AUROC <label>``.
+    Needs each run's whole model (text tower and heads), not only the exported image tower, so the init rows
+    have none."""
+    from mlip_core.transfer.zeroshot import zeroshot_eval
+
+    rows: list[dict[str, Any]] = []
+    for r in runs.itertuples(index=False):
+        scored = zeroshot_eval(r.run_dir, task, "test", cache_root=cache_root, device=device)
+        rows += scored.assign(method=r.config, seed=int(r.seed), task="zeroshot").to_dict("records")
+    return rows
+
+
 def ceiling_rows(world_dir: str | os.PathLike, task: Any, params: dict[str, Any], encoders: Sequence[Any],
                  cache_root: str | os.PathLike, feature_dir: str | os.PathLike, C: float = 0.01,
                  batch_size: int = 64, device: str = "cpu") -> list[dict[str, Any]]:

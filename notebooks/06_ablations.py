@@ -19,8 +19,9 @@
 # and what happens to MLIP when each of its parts is taken away: the divergence (momentum) encoder, the
 # knowledge guard on negatives, the token–knowledge–patch alignment, the knowledge fusion, the category-level
 # term, image–text matching and text swapping. Every row is trained on the same offline world, with the same
-# towers, budget and seeds, and measured the same way: held-out retrieval, and linear probes with 1% and 10%
-# of the labels on a *transfer* world rendered apart from the pretraining one.
+# towers, budget and seeds, and measured the same way: held-out retrieval, linear probes with 1% and 10%
+# of the labels on a *transfer* world rendered apart from the pretraining one, and zero-shot classification of
+# that world from text prompts (no label at all).
 #
 # **What it needs.** The offline world of chapter `01_offline_world` (and nothing else: each row is trained
 # here; the run folders are named by a hash of the whole configuration, so a re-run reads finished runs back).
@@ -68,10 +69,13 @@ transfer_seed = 1
 label_fractions = "0.01,0.1"
 fraction_seeds = 3
 probe_C = 0.01
+zero_shot = True  # every run scored zero-shot on the transfer test split (chapter 07's knowledge-graph prompts)
 batch_size_features = 64
 seed = 0
 
 # %%
+import time
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -79,7 +83,7 @@ import seaborn as sns
 from myst_nb import glue
 
 from mlip_core.ablation import (ceiling_rows, differences_vs, geometry_rows, init_encoders, probe_rows, retrieval_rows,
-                                train_grid, write_run_table)
+                                train_grid, write_run_table, zeroshot_rows)
 from mlip_core.data.downstream import CHEXPERT_5
 from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
@@ -91,6 +95,10 @@ device = setup(seed)
 names = [n.strip() for n in configs.split(",") if n.strip()]
 seed_list = [int(s) for s in seeds.split(",") if s.strip()]
 fractions = [float(f) for f in label_fractions.split(",") if f.strip()]
+# what every row is measured by: (task, metric, label fraction or None, how the tables and figures name it)
+measures = [("retrieval_i2t", "R@10", None, "image→text R@10"), ("retrieval_t2i", "R@10", None, "text→image R@10")] + \
+    [("linear_probe", "macro_AUROC", f, f"probe {f:.0%}") for f in fractions] + \
+    ([("zeroshot", "macro_AUROC", 0.0, "zero-shot")] if zero_shot else [])  # fraction 0: no labels, as in 07
 params = dict(image_tower=image_tower, image_pretrained=image_pretrained, image_size=image_size,
               frozen_stages=frozen_stages, text_tower=text_tower, text_allow_download=text_allow_download,
               max_length=max_length, freeze_text_layers=freeze_text_layers, batch_size=batch_size, epochs=epochs,
@@ -201,7 +209,10 @@ probe, per_label = probe_rows(runs, task, masks, workspace("cache", "images"), w
                               extra_encoders=baselines)
 ceilings = ceiling_rows(world, task, params, baselines, workspace("cache", "images"), workspace("features", "transfer"),
                         C=probe_C, batch_size=batch_size_features, device=str(device))
-rows = retrieval_rows(runs) + geometry_rows(runs) + probe + ceilings
+t0 = time.perf_counter()
+zeroshot = zeroshot_rows(runs, task, workspace("cache", "images"), device=str(device)) if zero_shot else []
+print(f"zero-shot of {len(runs) if zero_shot else 0} runs in {time.perf_counter() - t0:.0f} s")
+rows = retrieval_rows(runs) + geometry_rows(runs) + probe + ceilings + zeroshot
 results = pd.DataFrame(rows)
 path = write_results(results, "06_ablations")
 print(f"{len(results)} result rows -> {path}")
@@ -210,8 +221,11 @@ print(f"{len(results)} result rows -> {path}")
 # ## The table
 #
 # Mean ± standard deviation over the pretraining seeds: retrieval R@10 both ways on the held-out split of the
-# pretraining world (chance is 10 / N for N validation studies), and the linear probe's macro AUROC on the
-# transfer world's test split at 1% and 10% of the labels. The two init rows are not pretrained here: one seed.
+# pretraining world (chance is 10 / N for N validation studies), the linear probe's macro AUROC on the
+# transfer world's test split at 1% and 10% of the labels, and the zero-shot macro AUROC on the same test split:
+# each finding scored by how much closer an image sits to its positive prompts than to its negative ones
+# (chapter `07_classification` explains the prompts). The two init rows are not pretrained here (one seed) and
+# have no text tower, so no zero-shot.
 
 # %%
 summary = mean_std(results)
@@ -227,16 +241,14 @@ def cell(task_name: str, metric: str, fraction: float | None = None) -> pd.Serie
                                          axis=1)
 
 
-table = pd.DataFrame({"image→text R@10": cell("retrieval_i2t", "R@10"), "text→image R@10": cell("retrieval_t2i", "R@10"),
-                      **{f"probe {f:.0%}": cell("linear_probe", "macro_AUROC", f) for f in fractions}})
+table = pd.DataFrame({label: cell(task_name, metric, fraction) for task_name, metric, fraction, label in measures})
 table = table.reindex([m for m in order if m in table.index]).fillna("")
 table["seeds"] = summary.groupby("method")["n"].max().reindex(table.index)
 table
 
 # %%
-fig, axes = plt.subplots(1, 1 + len(fractions), figsize=(5.5 * (1 + len(fractions)), 5), sharey=False)
-panels = [("retrieval_i2t", "R@10", None, "image→text R@10 (%)")] + \
-    [("linear_probe", "macro_AUROC", f, f"probe macro AUROC, {f:.0%} labels") for f in fractions]
+panels = [m for m in measures if m[0] != "retrieval_t2i"]
+fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), sharey=False)
 for ax, (task_name, metric, fraction, title) in zip(axes, panels):
     sel = results[(results["task"] == task_name) & (results["metric"] == metric)]
     if fraction is not None:
@@ -261,8 +273,7 @@ plt.show()
 
 # %%
 checks = []
-for task_name, metric, fraction in [("retrieval_i2t", "R@10", None), ("retrieval_t2i", "R@10", None)] + \
-        [("linear_probe", "macro_AUROC", f) for f in fractions]:
+for task_name, metric, fraction, _ in measures:
     d = differences_vs(summary[summary["method"].isin(names)], "mlip", task_name, metric, fraction)
     d.insert(0, "measure", f"{task_name} {metric}" + (f" @ {fraction:.0%}" if fraction is not None else ""))
     checks.append(d)
@@ -274,8 +285,7 @@ checks.round(3)
 def verdict(method: str, reference: str) -> str:
     """One sentence per measure: better / worse / within the spread, with the numbers."""
     parts = []
-    for task_name, metric, fraction in [("retrieval_i2t", "R@10", None), ("retrieval_t2i", "R@10", None)] + \
-            [("linear_probe", "macro_AUROC", f) for f in fractions]:
+    for task_name, metric, fraction, _ in measures:
         d = differences_vs(summary[summary["method"].isin([method, reference])], reference, task_name, metric,
                            fraction)
         if not len(d):
@@ -324,6 +334,10 @@ if len(mlip_vs_convirt):
 #   line up on the pretraining world; the probe asks whether the image tower's features separate findings on
 #   another world. A term can help one and not the other: the local and category terms shape patch features and
 #   prototypes that retrieval never reads directly.
+# - **Zero-shot needs both towers.** A probe learns its own weights on top of the image features; zero-shot has
+#   only the pretrained projection heads and the prompts, so it also asks whether the *text* side placed each
+#   finding's positive and negative phrasing where the images of that finding are. With the text tower frozen, all
+#   of that has to come from the two projection heads trained here.
 # - **Short runs favour simple objectives.** With {glue:text}`abl_steps` steps, every extra term competes with the
 #   global loss for the same few updates, and terms whose heads start from scratch (fusion, prototypes, local
 #   projections) spend part of the budget learning themselves. Differences that are within the spread here may

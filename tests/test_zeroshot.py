@@ -220,3 +220,24 @@ def test_zeroshot_eval_scores_a_saved_run_as_result_rows(tiny_run, tmp_path, gra
     mvals = multi.set_index("metric")["value"]
     assert {"accuracy", "macro_AUROC", "AUROC normal", "AUROC pneumonia", "AUROC COVID-19"} == set(mvals.index)
     assert 0.0 <= mvals["accuracy"] <= 1.0 and set(multi["task"]) == {"COVIDx"}
+
+
+def test_zeroshot_rows_name_each_run_by_its_grid_config_and_pretraining_seed(tiny_run, tmp_path):
+    """Chapter 06's zero-shot column: one zeroshot_eval per run of the run table, renamed to the table's names."""
+    from mlip_core.ablation import zeroshot_rows
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(6):
+        p = tmp_path / "img" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(p)
+        rows.append({"image_path": str(p), "group": f"p{i}", "split": "test", "Atelectasis": float(i % 2)})
+    task = ClassificationTask("toy", pd.DataFrame(rows), ["Atelectasis"], SkipReport("toy"))
+    runs = pd.DataFrame({"config": ["mlip_no_itm", "mlip"], "seed": [1, 2], "run_dir": [str(tiny_run)] * 2})
+    out = pd.DataFrame(zeroshot_rows(runs, task, tmp_path / "cache"))
+    alone = zeroshot_eval(tiny_run, task, cache_root=tmp_path / "cache").set_index("metric")["value"]
+    macro = out[out["metric"] == "macro_AUROC"].set_index("method")
+    assert list(macro.index) == ["mlip_no_itm", "mlip"] and list(macro["seed"]) == [1, 2]
+    assert set(out["task"]) == {"zeroshot"} and set(out["fraction"]) == {0.0}
+    assert (macro["value"] == alone["macro_AUROC"]).all()  # the same run scored twice: the same number
