@@ -904,7 +904,7 @@ class TrunkFeatureDataset(Dataset):
 
 @torch.no_grad()
 def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int = 0, batch_size: int = 64,
-                          progress: bool = False) -> dict[str, torch.Tensor]:
+                          progress: bool = False, channels_last: bool = False) -> dict[str, torch.Tensor]:
     """``views`` augmented views of every image of ``dataset`` (a :class:`MimicPretrainDataset` with its
     training transform; view v of image i drawn under a generator seeded by (seed, v, i)) through the tower's
     stem and frozen stages (:meth:`~mlip_core.model.encoders.ImageTower.frozen_trunk`), stored in float16:
@@ -912,20 +912,24 @@ def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int 
     than the last (the last one's is ``trunk`` itself, which
     :meth:`~mlip_core.model.encoders.ImageTower.forward_from_trunk` knows). Pretrained weights: cached in ``workspace("cache",
     "trunk")`` by a hash of the image paths, the transform, the tower and its frozen stages, ``views`` and
-    ``seed``; a randomly initialised trunk depends on the run's seed and is never cached."""
+    ``seed``; a randomly initialised trunk depends on the run's seed and is never cached. ``channels_last``: run
+    the stages in that memory format, as the trainer runs the tower (oneDNN: 1.9x faster at 128 px, 1.45x at 64 px
+    on a CPU; the outputs differ from NCHW's by ~1e-6 relative, so the format is part of the cache key)."""
     from mlip_core.paths import workspace
 
     cfg = tower.cfg
     key = cache_key(*dataset._paths, repr(dataset.transform), cfg.name, cfg.pretrained, cfg.image_size,
-                    tower.frozen_trunk_stages, cfg.patch_level, views, seed)
+                    tower.frozen_trunk_stages, cfg.patch_level, views, seed,
+                    *(["channels_last"] if channels_last else []))  # NCHW keys stay as they were
     path = workspace("cache", "trunk") / f"{cfg.name}_{cfg.image_size}_{key}.pt"
-    return cached_tensors(path, lambda: _trunk_views(tower, dataset, views, seed, batch_size, progress),
+    return cached_tensors(path, lambda: _trunk_views(tower, dataset, views, seed, batch_size, progress, channels_last),
                           enabled=bool(cfg.pretrained), what="trunk feature cache")
 
 
 def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_size: int,
-                 progress: bool) -> dict[str, torch.Tensor]:
+                 progress: bool, channels_last: bool = False) -> dict[str, torch.Tensor]:
     device = next(tower.parameters()).device
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     was = dataset.load_images
     dataset.load_images = True
     N = len(dataset)
@@ -936,18 +940,20 @@ def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_si
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="frozen image stages, once per view", leave=False)
+    tower.to(memory_format=fmt)  # moves the layout of the 4-d weights, not their values
     try:
         for v, s in starts:
             images = []
             for i in range(s, min(N, s + batch_size)):
                 with seeded_rng(_seed_for(seed, 7_000_003, v, i)):
                     images.append(dataset[i]["image"])
-            x, fmap = tower.frozen_trunk(torch.stack(images).to(device))
-            trunks.append(x.half().cpu())
+            x, fmap = tower.frozen_trunk(torch.stack(images).to(device).contiguous(memory_format=fmt))
+            trunks.append(x.half().cpu().contiguous())
             if fmap is not None and fmap is not x:
-                fmaps.append(fmap.half().cpu())
+                fmaps.append(fmap.half().cpu().contiguous())
     finally:
         dataset.load_images = was
+        tower.to(memory_format=torch.contiguous_format)
     out = {"trunk": torch.cat(trunks).unflatten(0, (views, N))}
     if fmaps:
         out["trunk_fmap"] = torch.cat(fmaps).unflatten(0, (views, N))
@@ -1065,7 +1071,8 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
     tower = model.image_tower
     if config.train.trunk_views > 0 and tower.frozen_trunk_stages > 0 and not tower.is_vit and len(train_set):
         images = train_set.base if isinstance(train_set, TextFeatureDataset) else train_set
-        trunk = frozen_trunk_features(tower, images, config.train.trunk_views, progress=config.train.progress)
+        trunk = frozen_trunk_features(tower, images, config.train.trunk_views, progress=config.train.progress,
+                                      channels_last=config.train.channels_last)
         train_set = TrunkFeatureDataset(train_set, trunk, images)
     return {"model": model, "train_set": train_set, "val_set": val_set if len(val_set) else None,
             "collate_fn": collate, "tokenizer": tokenizer, "graph": graph}

@@ -107,3 +107,13 @@ def test_a_step_on_cached_stages_gives_the_loss_of_the_whole_tower_on_that_view(
     fa, fb = model.features(collate(whole)), model.features(collate(cached))
     assert torch.allclose(fa["image_global"], fb["image_global"], atol=1e-2)
     assert torch.allclose(fa["image_patches"], fb["image_patches"], atol=5e-2, rtol=1e-2)
+
+
+def test_channels_last_trunk_matches_nchw_and_leaves_the_tower_as_it_found_it():
+    """The trainer's memory format for the frozen stages: the same views to float16 rounding, a cache of its own."""
+    images, t = Images(), tower(2)
+    nchw = frozen_trunk_features(t, images, views=2, seed=0, batch_size=4)
+    cl = frozen_trunk_features(t, images, views=2, seed=0, batch_size=4, channels_last=True)
+    assert cl["trunk"].shape == nchw["trunk"].shape and cl["trunk"].is_contiguous()
+    assert torch.allclose(cl["trunk"].float(), nchw["trunk"].float(), atol=2e-2, rtol=1e-2)
+    assert all(p.is_contiguous() for p in t.parameters())  # layout restored, values untouched
