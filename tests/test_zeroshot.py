@@ -185,9 +185,8 @@ def tiny_run(tmp_path_factory):
     return run
 
 
-def test_zeroshot_eval_scores_a_saved_run_as_result_rows(tiny_run, tmp_path, graph):
-    from mlip_core.interpret import load_images, load_run_model
-
+def toy_task(tmp_path) -> ClassificationTask:
+    """Eight random 40 px images, six in the test split; Cardiomegaly has no test positive."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(8):
@@ -196,8 +195,14 @@ def test_zeroshot_eval_scores_a_saved_run_as_result_rows(tiny_run, tmp_path, gra
         Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(p)
         rows.append({"image_path": str(p), "group": f"p{i}", "split": "test" if i < 6 else "train",
                      "Atelectasis": float(i % 2), "Pleural Effusion": float(i in (0, 3)), "Cardiomegaly": 0.0})
-    task = ClassificationTask("toy", pd.DataFrame(rows), ["Atelectasis", "Pleural Effusion", "Cardiomegaly"],
+    return ClassificationTask("toy", pd.DataFrame(rows), ["Atelectasis", "Pleural Effusion", "Cardiomegaly"],
                               SkipReport("toy"))
+
+
+def test_zeroshot_eval_scores_a_saved_run_as_result_rows(tiny_run, tmp_path, graph):
+    from mlip_core.interpret import load_images, load_run_model
+
+    task = toy_task(tmp_path)
     out = zeroshot_eval(tiny_run, task, cache_root=tmp_path / "cache")
     assert list(out.columns) == ["method", "task", "fraction", "seed", "metric", "value"]
     assert set(out["method"]) == {"convirt"} and set(out["task"]) == {"toy"}
@@ -226,14 +231,7 @@ def test_zeroshot_rows_name_each_run_by_its_grid_config_and_pretraining_seed(tin
     """Chapter 06's zero-shot column: one zeroshot_eval per run of the run table, renamed to the table's names."""
     from mlip_core.ablation import zeroshot_rows
 
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(6):
-        p = tmp_path / "img" / f"{i}.png"
-        p.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(p)
-        rows.append({"image_path": str(p), "group": f"p{i}", "split": "test", "Atelectasis": float(i % 2)})
-    task = ClassificationTask("toy", pd.DataFrame(rows), ["Atelectasis"], SkipReport("toy"))
+    task = toy_task(tmp_path)
     runs = pd.DataFrame({"config": ["mlip_no_itm", "mlip"], "seed": [1, 2], "run_dir": [str(tiny_run)] * 2})
     out = pd.DataFrame(zeroshot_rows(runs, task, tmp_path / "cache"))
     alone = zeroshot_eval(tiny_run, task, cache_root=tmp_path / "cache").set_index("metric")["value"]
