@@ -425,8 +425,9 @@ class TrainConfig:
     swap_variants: int = 2
     # An image tower with frozen stages: run its stem and frozen stages once per training image and augmented view
     # before training (this many views each, cached in workspace("cache", "trunk") for pretrained weights), and let
-    # every step read one view's activations and run only the trainable stages. 0 = decode, augment and run the
-    # whole tower every step (unlimited views).
+    # every step read one view's activations and run only the trainable stages. The views are drawn under the
+    # run's seed (each seed its own cache, as each seed would draw its own augmentations without one). 0 = decode,
+    # augment and run the whole tower every step (unlimited views).
     trunk_views: int = 0
     views: str = "PA,AP"  # frontal views used for pretraining
     log_every: int = 1  # steps between metrics.jsonl records

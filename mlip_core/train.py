@@ -1071,8 +1071,10 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
     tower = model.image_tower
     if config.train.trunk_views > 0 and tower.frozen_trunk_stages > 0 and not tower.is_vit and len(train_set):
         images = train_set.base if isinstance(train_set, TextFeatureDataset) else train_set
-        trunk = frozen_trunk_features(tower, images, config.train.trunk_views, progress=config.train.progress,
-                                      channels_last=config.train.channels_last)
+        # Views drawn under the run's seed, as the augmentation of an uncached run would be: seeds that shared
+        # one set of views gave chapter 06 a seed spread that missed the augmentation's share of the variation.
+        trunk = frozen_trunk_features(tower, images, config.train.trunk_views, seed=config.train.seed,
+                                      progress=config.train.progress, channels_last=config.train.channels_last)
         train_set = TrunkFeatureDataset(train_set, trunk, images)
     return {"model": model, "train_set": train_set, "val_set": val_set if len(val_set) else None,
             "collate_fn": collate, "tokenizer": tokenizer, "graph": graph}

@@ -292,6 +292,25 @@ def test_mlip_with_frozen_towers_reads_cached_features_and_resumes_bitwise_equal
     assert hist[0] == hist[1] and len(hist[0]) == 4
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_each_seed_draws_its_own_cached_views_of_the_frozen_stages(tiny_world, monkeypatch, seed):
+    """Runs that differ only in their seed must not share one set of augmented views: chapter 06's seed spread
+    is meant to include the augmentation's share of the run-to-run variation."""
+    import mlip_core.train as engine
+
+    monkeypatch.setenv("MLIP_WORKSPACE", str(tiny_world / "ws"))
+    drawn = []
+    real = engine.frozen_trunk_features
+    monkeypatch.setattr(engine, "frozen_trunk_features",
+                        lambda *a, **kw: drawn.append(kw.get("seed")) or real(*a, **kw))
+    args = [*MLIP_ARGS, "--set", "model.image.frozen_stages=2", "--set", "train.trunk_views=2",
+            "--seed", str(seed), "--data", str(tiny_world / "world")]
+    run = engine.build_run(engine.config_from_args(engine._parse_args(args + ["--out", str(tiny_world / "x")])),
+                           tiny_world / "world")
+    assert drawn == [seed]
+    assert isinstance(run["train_set"], engine.TrunkFeatureDataset)
+
+
 def test_mlip_torchrun_two_gloo_processes_completes_and_global_terms_agree(tiny_world):
     """The real MLIP under torchrun (2 CPU processes, gloo) against one process, with frozen towers (BatchNorm in
     eval mode, no dropout: each sample's features do not depend on how the batch is split over ranks). Terms
