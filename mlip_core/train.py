@@ -718,9 +718,14 @@ class Trainer:
             batch = _to_device(batch, self.device, self.tc.channels_last)
             with self._autocast():
                 out = model(batch) if self.tc.validation_losses else {}
-                ie = model.encode_image(batch["image"], normalize=True)
-                te = model.encode_batch_text(batch, normalize=True) if hasattr(model, "encode_batch_text") \
-                    else model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)
+                # A model whose objective already embedded the batch hands the embeddings back (MLIP: the image
+                # tower once per validation batch, not twice); others are asked for them.
+                ie, te = out.get("image_embedding"), out.get("text_embedding")
+                if ie is None:
+                    ie = model.encode_image(batch["image"], normalize=True)
+                if te is None:
+                    te = model.encode_batch_text(batch, normalize=True) if hasattr(model, "encode_batch_text") \
+                        else model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)
             b = batch["image"].shape[0]
             for k, v in out.items():
                 if _logged(k) and torch.is_tensor(v) and v.numel() == 1:

@@ -424,6 +424,21 @@ def test_local_token_mask_drops_cls_sep_and_padding():
     assert local_token_mask(mask).int().tolist() == [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]
 
 
+@pytest.mark.parametrize("name", ["convirt", "mlip"])
+def test_forward_hands_back_the_embeddings_that_encode_image_and_text_give(name, batch):
+    """Validation reads the objective's own embeddings instead of running the towers again: they must be what
+    encode_image / encode_batch_text return in eval mode (with a frozen trunk shared by the momentum tower)."""
+    torch.manual_seed(0)
+    cfg = small(name)
+    cfg.model.image = ImageTowerConfig(name="resnet18", image_size=32, frozen_stages=2)
+    model = MLIP(cfg, entity_embeddings(), prototype_entities=[0, 1]).eval()
+    with torch.no_grad():
+        out = model(batch)
+        assert torch.allclose(out["image_embedding"], model.encode_image(batch["image"]), atol=1e-6, rtol=0)
+        assert torch.allclose(out["text_embedding"], model.encode_batch_text(batch), atol=1e-6, rtol=0)
+    assert not out["image_embedding"].requires_grad
+
+
 def test_encode_image_and_text_are_unit_vectors_and_tower_exports_as_state_dict(batch):
     torch.manual_seed(0)
     model = MLIP(small("convirt"))

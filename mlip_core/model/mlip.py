@@ -304,10 +304,13 @@ class MLIP(nn.Module):
 
     # -----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A batch -> {"loss": weighted total, "loss_<term>" per enabled term, diagnostics, "temperature"}."""
+        """A batch -> {"loss": weighted total, "loss_<term>" per enabled term, diagnostics, "temperature",
+        ``image_embedding``/``text_embedding`` (B,d): the normalised global embeddings, detached, which validation
+        reads instead of running the towers a second time}."""
         f = self.features(batch)
         out = self.objective(f, batch, self, Progress(int(self.num_updates), self.steps_per_epoch))
         out["temperature"] = (1.0 / f["logit_scale"]).detach()
+        out["image_embedding"], out["text_embedding"] = f["image_global"].detach(), f["text_global"].detach()
         return out
 
 
