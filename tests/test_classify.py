@@ -62,6 +62,16 @@ def test_tower_features_have_one_global_vector_per_image(tmp_path):
     assert raw_pixel_features(np.zeros((3, 32, 32), np.uint8)).shape == (3, 1024)
 
 
+def test_channels_last_features_match_nchw_and_the_tower_comes_back_contiguous(tmp_path):
+    paths = _pngs(tmp_path / "imgs", 5)
+    tower = build_tower(Encoder("rand", "tower", 32, tower={"name": "test_efficientnet"}))
+    ds = ImageLabelDataset(pd.DataFrame({"image_path": paths, "y": 0.0}), ["y"], image_size=32)
+    nchw = extract_features(tower, ds, batch_size=2, channels_last=False)
+    cl = extract_features(tower, ds, batch_size=2)  # the default on a CPU
+    assert np.allclose(cl, nchw, rtol=1e-4, atol=1e-5) and np.abs(nchw).max() > 0
+    assert all(p.is_contiguous() for p in tower.parameters())
+
+
 def test_random_tower_is_reproducible_from_its_seed():
     x = torch.randn(2, 1, 32, 32)
     a, b, c = (build_tower(Encoder("r", "tower", 32, tower={"name": "resnet18"}, seed=s)) for s in (0, 0, 1))

@@ -237,15 +237,28 @@ def raw_pixel_features(images: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def extract_features(tower: torch.nn.Module, dataset: ImageLabelDataset, batch_size: int = 64,
-                     device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = False) -> np.ndarray:
-    """Global feature vectors of a frozen tower over a dataset (eval transform): float32 (N, D)."""
+                     device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = False,
+                     channels_last: bool | None = None) -> np.ndarray:
+    """Global feature vectors of a frozen tower over a dataset (eval transform): float32 (N, D).
+
+    ``channels_last`` (default: on a CPU) runs the tower in that memory format, as the pretraining engine does
+    (oneDNN: ~1.45x faster for EfficientNet-lite0 at 64 px; features within ~1e-6 relative of NCHW's); the
+    tower's weights are given back contiguous."""
     tower = tower.to(device).eval()
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cpu"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc="features", leave=False)
-    out = [tower(batch["image"].to(device)).global_.float().cpu() for batch in loader]
+    tower.to(memory_format=fmt)
+    try:
+        out = [tower(batch["image"].to(device).contiguous(memory_format=fmt)).global_.float().cpu()
+               for batch in loader]
+    finally:
+        tower.to(memory_format=torch.contiguous_format)
     if not out:
         return np.zeros((0, getattr(tower, "global_dim", 0)), dtype=np.float32)
     return torch.cat(out).numpy()
