@@ -117,10 +117,15 @@ def _same(column: pd.Series, value) -> pd.Series:
 def compare(summary: pd.DataFrame, method_a: str, method_b: str, task: str, fraction, metric: str) -> dict:
     """Is ``method_a`` different from ``method_b`` beyond the seed spread, in a :func:`mean_std` table?
 
-    Returns ``diff`` = mean_a − mean_b, ``spread`` = std_a + std_b and ``exceeds``. "Beyond the spread" means
-    |mean_a − mean_b| > std_a + std_b. With a single seed on either side the std is unknown (NaN): spread is
-    NaN and ``exceeds`` is False, since no claim can be made.
+    Returns ``diff`` = mean_a − mean_b, ``spread`` = std_a + std_b, ``exceeds`` and ``p_value``. "Beyond the
+    spread" means |mean_a − mean_b| > std_a + std_b. ``p_value`` is Welch's two-sided t-test on the two rows'
+    seeds (from their mean, std and n): the rule alone says nothing about how often it passes by chance, which
+    matters once a table makes dozens of comparisons (correct the family's p-values, e.g. with
+    ``scipy.stats.false_discovery_control``). With a single seed on either side the std is unknown (NaN): spread
+    and p-value are NaN and ``exceeds`` is False, since no claim can be made.
     """
+    from scipy.stats import ttest_ind_from_stats
+
     picked = {}
     for m in (method_a, method_b):
         row = summary[(summary["method"] == m) & (summary["task"] == task) & _same(summary["fraction"], fraction)
@@ -133,4 +138,11 @@ def compare(summary: pd.DataFrame, method_a: str, method_b: str, task: str, frac
     diff = float(a["mean"] - b["mean"])
     spread = float(a["std"] + b["std"])
     exceeds = bool(not math.isnan(spread) and abs(diff) > spread)
-    return {"diff": diff, "spread": spread, "exceeds": exceeds}
+    p_value = float("nan")
+    if not math.isnan(spread):
+        if spread > 0:
+            p_value = float(ttest_ind_from_stats(a["mean"], a["std"], a["n"], b["mean"], b["std"], b["n"],
+                                                 equal_var=False).pvalue)
+        else:  # both rows constant over their seeds
+            p_value = 1.0 if diff == 0 else 0.0
+    return {"diff": diff, "spread": spread, "exceeds": exceeds, "p_value": p_value}

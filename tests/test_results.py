@@ -64,6 +64,21 @@ def test_mean_std_on_known_numbers():
         mean_std(pd.DataFrame(_rows("a", [1.0, 2.0]) + _rows("a", [3.0])))
 
 
+def test_compare_p_value_is_welchs_t_test_on_the_seeds():
+    """From the summary's mean, std and n, the p-value equals Welch's test run on the seeds themselves; a
+    difference that passes the spread rule can still be one that three seeds cannot tell from chance."""
+    from scipy.stats import ttest_ind
+
+    a, b = [0.80, 0.83, 0.85], [0.76, 0.80, 0.77]
+    s = mean_std(pd.DataFrame(_rows("mlip", a) + _rows("convirt", b)))
+    c = compare(s, "mlip", "convirt", "chexpert", 0.1, "auroc")
+    assert c["p_value"] == pytest.approx(ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
+    assert c["exceeds"] is True and c["p_value"] > 0.05  # beyond the spread (0.050 > 0.046), yet p ≈ 0.06
+    same = compare(mean_std(pd.DataFrame(_rows("mlip", [0.5] * 3) + _rows("convirt", [0.5] * 3))),
+                   "mlip", "convirt", "chexpert", 0.1, "auroc")
+    assert same["p_value"] == 1.0 and same["exceeds"] is False
+
+
 def test_compare_beyond_the_spread_on_a_planted_case():
     df = pd.DataFrame(_rows("mlip", [0.80, 0.82, 0.84]) + _rows("convirt", [0.70, 0.72, 0.74])  # std 0.02 each
                       + _rows("gloria", [0.77, 0.79, 0.81]) + _rows("single", [0.5]))
@@ -73,7 +88,7 @@ def test_compare_beyond_the_spread_on_a_planted_case():
     near = compare(s, "mlip", "gloria", "chexpert", 0.1, "auroc")  # 0.03 < 0.04
     assert near["diff"] == pytest.approx(0.03) and near["exceeds"] is False
     lone = compare(s, "mlip", "single", "chexpert", 0.1, "auroc")
-    assert math.isnan(lone["spread"]) and lone["exceeds"] is False
+    assert math.isnan(lone["spread"]) and lone["exceeds"] is False and math.isnan(lone["p_value"])
     with pytest.raises(KeyError, match="nope"):
         compare(s, "mlip", "nope", "chexpert", 0.1, "auroc")
     with pytest.raises(KeyError):
