@@ -286,9 +286,9 @@ plt.show()
 
 # %%
 checks = []
-for task_name, metric, fraction, _ in measures:
+for task_name, metric, fraction, label in measures:
     d = differences_vs(summary[summary["method"].isin(names)], "mlip", task_name, metric, fraction)
-    d.insert(0, "measure", f"{task_name} {metric}" + (f" @ {fraction:.0%}" if fraction is not None else ""))
+    d.insert(0, "measure", label)
     checks.append(d)
 checks = pd.concat(checks, ignore_index=True)
 tested = checks["p_value"].notna()
@@ -302,13 +302,13 @@ checks.round(3)
 def verdict(method: str, reference: str) -> str:
     """One sentence per measure: better / worse / within the spread, with the numbers."""
     parts = []
-    for task_name, metric, fraction, _ in measures:
+    for task_name, metric, fraction, label in measures:
         d = differences_vs(summary[summary["method"].isin([method, reference])], reference, task_name, metric,
                            fraction)
         if not len(d):
             continue
         r = d.iloc[0]
-        name = f"{task_name.replace('_', ' ')} {metric}" + (f" at {fraction:.0%}" if fraction is not None else "")
+        name = label
         word = ("higher" if r["diff"] > 0 else "lower") if r["exceeds"] else "within the seed spread"
         parts.append(f"{name}: {r['diff']:+.3g} (spread {r['spread']:.3g}, p {r['p_value']:.2g}) — {word}")
     return f"{method} vs {reference}: " + "; ".join(parts)
