@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from mlip_core.checkpoint import atomic_write
@@ -112,6 +113,20 @@ def _same(column: pd.Series, value) -> pd.Series:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return column.isna()
     return column == value
+
+
+def spread_rule_chance(n_a: int, n_b: int, draws: int = 200_000, seed: int = 0) -> float:
+    """How often :func:`compare`'s rule (|mean_a − mean_b| > std_a + std_b) passes when both rows' seeds come
+    from one and the same normal distribution: the rule's false-positive rate for rows of ``n_a`` and ``n_b``
+    seeds (it does not depend on the distribution's mean or scale). Monte Carlo over ``draws`` pairs of rows,
+    seeded; NaN when a row has fewer than two seeds (no spread). Times the number of comparisons, the number of
+    passes that chance alone gives."""
+    if min(n_a, n_b) < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((draws, n_a)), rng.standard_normal((draws, n_b))
+    diff = np.abs(a.mean(1) - b.mean(1))
+    return float(np.mean(diff > a.std(1, ddof=1) + b.std(1, ddof=1)))
 
 
 def compare(summary: pd.DataFrame, method_a: str, method_b: str, task: str, fraction, metric: str) -> dict:

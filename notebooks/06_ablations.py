@@ -29,7 +29,7 @@
 # **How to read it.** Each row is repeated with three seeds (the seed changes the initial heads, the data order
 # and the augmented views). A difference between two rows means something only when it is larger than the seeds'
 # spread; the tables below say, for every comparison, whether it is, and how likely a difference that large is
-# by chance alone once fifty comparisons are made.
+# by chance alone when dozens of comparisons are made.
 #
 # **How long it takes.** The table below is written by the book's runner (`python -m mlip_core.book`), which
 # records every chapter's wall time with each profile it executes, on the machine it ran on.
@@ -90,7 +90,7 @@ from mlip_core.data.downstream import CHEXPERT_5
 from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
 from mlip_core.paths import workspace
-from mlip_core.results import mean_std, write_results
+from mlip_core.results import mean_std, spread_rule_chance, write_results
 from mlip_core.transfer.classify import chexpert_task, fraction_masks
 
 device = setup(seed)
@@ -143,7 +143,9 @@ pd.DataFrame({n: {"global": True, "divergence": lc.divergence, "knowledge guard"
 # stages). The first two are shared by all the runs. The views are drawn once *per seed*, as each seed would
 # draw its own augmentations without the cache: when the three seeds shared one set of views, a change of the
 # cached features by one part in a million (a different memory layout) moved some rows' means by several of
-# their seed standard deviations, so the spread had been missing a real source of run-to-run variation. Where the freeze stops matters for the ablation: the patch map that the local terms (MLIP's
+# their seed standard deviations, so the spread had been missing a real source of run-to-run variation.
+#
+# Where the freeze stops matters for the ablation: the patch map that the local terms (MLIP's
 # token–knowledge–patch alignment, GLoRIA's and MGCA's word–region terms) read is the output of the fifth stage.
 # Freeze it, and those terms could train nothing but their own projection heads — they would not touch the
 # image tower at all, and removing them could not change a probe. So the grid freezes four stages, not more.
@@ -276,9 +278,11 @@ plt.show()
 # whether the difference is larger than the spread. Two families: every baseline and every ablation against
 # full MLIP, and MLIP against ConVIRT, the question the method is judged by.
 #
-# The spread rule is a screen, not a test. With three seeds per row, two rows that differ only by chance still
-# pass it now and then (a few times in a hundred), and the first family makes fifty comparisons, so a handful
-# of passes is what chance alone would give. Each comparison therefore also carries Welch's t-test p-value
+# The spread rule is a screen, not a test. Two rows whose seeds come from one and the same distribution still
+# pass it {glue:text}`abl_chance_rate` of the time with this many seeds per row (`results.spread_rule_chance`,
+# simulated), and the first family makes {glue:text}`abl_family` comparisons: about
+# {glue:text}`abl_chance_expected` passes are what chance alone would give. Each comparison therefore also
+# carries Welch's t-test p-value
 # (`p_value`, from the two rows' seeds) and a q-value (`q_value`: the Benjamini–Hochberg correction over the
 # whole family, `scipy.stats.false_discovery_control`). A part of MLIP is shown to matter only where a
 # difference passes the spread *and* its q-value is small; a pass with a large q is a lead for a run with more
@@ -329,6 +333,13 @@ print(f"Of the {len(passed)} beyond the spread, {len(found)} keep a q-value belo
       f"{int(tested.sum())}" + (": " + ", ".join(f"{r.method} ({r.measure}, q {r.q_value:.2g})"
                                                  for r in found.itertuples()) if len(found) else "")
       + f"; smallest q-value {checks['q_value'].min():.2g}")
+n_seeds = len(seed_list)
+chance = spread_rule_chance(n_seeds, n_seeds)
+print(f"The spread rule passes {chance:.1%} of the time between rows of {n_seeds} seeds drawn from one "
+      f"distribution: about {chance * len(checks):.1f} of these {len(checks)} comparisons by chance alone")
+glue("abl_chance_rate", f"{chance:.0%}" if np.isfinite(chance) else "(one seed: no spread)", display=False)
+glue("abl_family", len(checks), display=False)
+glue("abl_chance_expected", f"{chance * len(checks):.1f}" if np.isfinite(chance) else "–", display=False)
 glue("abl_passes", f"{len(passed)} of {int(tested.sum())}", display=False)
 glue("abl_found", str(len(found)), display=False)
 glue("abl_min_q", f"{checks['q_value'].min():.2g}", display=False)
@@ -351,9 +362,11 @@ if len(mlip_vs_convirt):
 # %% [markdown]
 # MLIP's 1%-label probe differs from ConVIRT's by {glue:text}`abl_mlip_minus_convirt_probe` macro AUROC, which
 # {glue:text}`abl_mlip_vs_convirt_exceeds` the spread of the seeds; the printed lines above give every other
-# comparison. Against full MLIP, {glue:text}`abl_passes` comparisons pass the spread rule, and
-# {glue:text}`abl_found` of those keep a q-value below 0.05 (the smallest q-value of the family is
-# {glue:text}`abl_min_q`): read the per-part lines above as leads, not findings, unless that count is above zero. This study trained {glue:text}`abl_runs` runs of {glue:text}`abl_steps` steps each
+# comparison. Against full MLIP, {glue:text}`abl_passes` comparisons pass the spread rule (chance alone gives
+# about {glue:text}`abl_chance_expected`), and {glue:text}`abl_found` of those keep a q-value below 0.05 (the
+# smallest q-value of the family is {glue:text}`abl_min_q`): read the per-part lines above as leads, not
+# findings, unless that count is above zero. This study trained {glue:text}`abl_runs` runs of
+# {glue:text}`abl_steps` steps each
 # ({glue:text}`abl_train_minutes` minutes of training in all), and the transfer test split holds at least
 # {glue:text}`abl_min_test_pos` positives of every scored label.
 #
