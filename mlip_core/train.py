@@ -354,8 +354,9 @@ class Trainer:
     """Owns the loop: optimizer, schedule, AMP, DDP, logging, validation, checkpoints and export.
 
     ``model(batch) -> dict`` must return ``loss`` and ``loss_<term>`` scalars; optional ``momentum_update()``
-    runs after every optimizer step; ``encode_image(x)`` / ``encode_text(ids, mask)`` serve retrieval; and
-    ``image_tower`` is exported. Datasets yield dicts with at least ``image`` and ``study_id``.
+    runs after every optimizer step; ``encode_image(x)`` / ``encode_text(ids, mask)`` serve retrieval, unless
+    the dict also holds the batch's normalised ``image_embedding`` / ``text_embedding``; and ``image_tower`` is
+    exported. Datasets yield dicts with at least ``image`` and ``study_id``.
     """
 
     def __init__(

@@ -175,13 +175,14 @@ pd.DataFrame([{"term": name, "weight": model.objective.weights[name],
               for name, term in model.objective.terms.items()])
 
 # %% [markdown]
-# One forward pass returns the weighted total, every term and the diagnostics the trainer logs:
+# One forward pass returns the weighted total, every term and the diagnostics the trainer logs (and the
+# batch's two global embeddings, which validation reads instead of running the towers again):
 
 # %%
 model.train()
 out = model(batch)
 out["loss"].backward()
-pd.Series({k: float(v.detach()) for k, v in out.items()}, name="value").to_frame()
+pd.Series({k: float(v.detach()) for k, v in out.items() if v.numel() == 1}, name="value").to_frame()
 
 # %% [markdown]
 # ## Aligned pairs versus shuffled pairs
