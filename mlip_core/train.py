@@ -934,8 +934,9 @@ def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int 
 
 def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_size: int,
                  progress: bool, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    from mlip_core.model.encoders import memory_format
+
     device = next(tower.parameters()).device
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     was = dataset.load_images
     dataset.load_images = True
     N = len(dataset)
@@ -946,20 +947,19 @@ def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_si
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="frozen image stages, once per view", leave=False)
-    tower.to(memory_format=fmt)  # moves the layout of the 4-d weights, not their values
     try:
-        for v, s in starts:
-            images = []
-            for i in range(s, min(N, s + batch_size)):
-                with seeded_rng(_seed_for(seed, 7_000_003, v, i)):
-                    images.append(dataset[i]["image"])
-            x, fmap = tower.frozen_trunk(torch.stack(images).to(device).contiguous(memory_format=fmt))
-            trunks.append(x.half().cpu().contiguous())
-            if fmap is not None and fmap is not x:
-                fmaps.append(fmap.half().cpu().contiguous())
+        with memory_format(tower, channels_last) as fmt:
+            for v, s in starts:
+                images = []
+                for i in range(s, min(N, s + batch_size)):
+                    with seeded_rng(_seed_for(seed, 7_000_003, v, i)):
+                        images.append(dataset[i]["image"])
+                x, fmap = tower.frozen_trunk(torch.stack(images).to(device).contiguous(memory_format=fmt))
+                trunks.append(x.half().cpu().contiguous())
+                if fmap is not None and fmap is not x:
+                    fmaps.append(fmap.half().cpu().contiguous())
     finally:
         dataset.load_images = was
-        tower.to(memory_format=torch.contiguous_format)
     out = {"trunk": torch.cat(trunks).unflatten(0, (views, N))}
     if fmaps:
         out["trunk_fmap"] = torch.cat(fmaps).unflatten(0, (views, N))

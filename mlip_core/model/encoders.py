@@ -290,6 +290,20 @@ def build_tokenizer(cfg: TextTowerConfig):
 
 
 @contextlib.contextmanager
+def memory_format(module: nn.Module, channels_last: bool):
+    """Run a block with ``module``'s 4-d weights in channels-last layout (when asked) and yield the format its
+    inputs should take; the weights are handed back contiguous afterwards (their values never change). On a CPU
+    oneDNN runs EfficientNet-lite0 1.3-1.9x faster this way (benchmarks/bench_probe.py), its outputs within
+    ~1e-6 relative of NCHW's."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    module.to(memory_format=fmt)
+    try:
+        yield fmt
+    finally:
+        module.to(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
 def _quiet_transformers():
     """Silence transformers' info/warning logs and weight-loading progress bar for one block."""
     from transformers.utils import logging as hf_logging

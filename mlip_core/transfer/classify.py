@@ -37,7 +37,7 @@ from mlip_core.data.cache import ImageCache
 from mlip_core.data.downstream import CHEXPERT_5, ImageLabelDataset, holdout_split, label_fraction_splits, load_chexpert
 from mlip_core.data.mimic import CHEXPERT_14, load_mimic_pairs
 from mlip_core.data.skips import SkipReport
-from mlip_core.model.encoders import ImageTower, input_statistics
+from mlip_core.model.encoders import ImageTower, input_statistics, memory_format
 
 __all__ = [
     "ClassificationTask",
@@ -247,18 +247,14 @@ def extract_features(tower: torch.nn.Module, dataset: ImageLabelDataset, batch_s
     tower = tower.to(device).eval()
     if channels_last is None:
         channels_last = torch.device(device).type == "cpu"
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc="features", leave=False)
-    tower.to(memory_format=fmt)
-    try:
+    with memory_format(tower, channels_last) as fmt:
         out = [tower(batch["image"].to(device).contiguous(memory_format=fmt)).global_.float().cpu()
                for batch in loader]
-    finally:
-        tower.to(memory_format=torch.contiguous_format)
     if not out:
         return np.zeros((0, getattr(tower, "global_dim", 0)), dtype=np.float32)
     return torch.cat(out).numpy()
