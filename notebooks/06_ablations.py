@@ -70,6 +70,7 @@ transfer_seed = 1
 label_fractions = "0.01,0.1"
 fraction_seeds = 3
 probe_C = 0.01
+alpha = 0.05  # false-discovery rate (Benjamini-Hochberg q) below which a difference from full MLIP counts as found
 zero_shot = True  # every run scored zero-shot on the transfer test split (chapter 07's knowledge-graph prompts)
 batch_size_features = 64
 seed = 0
@@ -312,9 +313,8 @@ def verdict(method: str, reference: str) -> str:
         if not len(d):
             continue
         r = d.iloc[0]
-        name = label
         word = ("higher" if r["diff"] > 0 else "lower") if r["exceeds"] else "within the seed spread"
-        parts.append(f"{name}: {r['diff']:+.3g} (spread {r['spread']:.3g}, p {r['p_value']:.2g}) — {word}")
+        parts.append(f"{label}: {r['diff']:+.3g} (spread {r['spread']:.3g}, p {r['p_value']:.2g}) — {word}")
     return f"{method} vs {reference}: " + "; ".join(parts)
 
 
@@ -326,7 +326,6 @@ print(f"\nComparisons against full MLIP where removing a part (or using a baseli
                                           if len(wins) else ""))
 print(f"... and better beyond the spread: {len(losses)}"
       + (": " + ", ".join(f"{r.method} ({r.measure})" for r in losses.itertuples()) if len(losses) else ""))
-alpha = 0.05
 passed = checks[checks["exceeds"]]
 found = passed[passed["q_value"] < alpha]
 print(f"Of the {len(passed)} beyond the spread, {len(found)} keep a q-value below {alpha} over the family of "
@@ -342,6 +341,7 @@ glue("abl_family", len(checks), display=False)
 glue("abl_chance_expected", f"{chance * len(checks):.1f}" if np.isfinite(chance) else "–", display=False)
 glue("abl_passes", f"{len(passed)} of {int(tested.sum())}", display=False)
 glue("abl_found", str(len(found)), display=False)
+glue("abl_alpha", alpha, display=False)
 glue("abl_min_q", f"{checks['q_value'].min():.2g}", display=False)
 for f in fractions:
     probe_f = summary[(summary["task"] == "linear_probe") & np.isclose(summary["fraction"].astype(float), f)]
@@ -363,9 +363,9 @@ if len(mlip_vs_convirt):
 # MLIP's 1%-label probe differs from ConVIRT's by {glue:text}`abl_mlip_minus_convirt_probe` macro AUROC, which
 # {glue:text}`abl_mlip_vs_convirt_exceeds` the spread of the seeds; the printed lines above give every other
 # comparison. Against full MLIP, {glue:text}`abl_passes` comparisons pass the spread rule (chance alone gives
-# about {glue:text}`abl_chance_expected`), and {glue:text}`abl_found` of those keep a q-value below 0.05 (the
-# smallest q-value of the family is {glue:text}`abl_min_q`): read the per-part lines above as leads, not
-# findings, unless that count is above zero. This study trained {glue:text}`abl_runs` runs of
+# about {glue:text}`abl_chance_expected`), and {glue:text}`abl_found` of those keep a q-value below
+# {glue:text}`abl_alpha` (the smallest q-value of the family is {glue:text}`abl_min_q`): read the per-part lines
+# above as leads, not findings, unless that count is above zero. This study trained {glue:text}`abl_runs` runs of
 # {glue:text}`abl_steps` steps each
 # ({glue:text}`abl_train_minutes` minutes of training in all), and the transfer test split holds at least
 # {glue:text}`abl_min_test_pos` positives of every scored label.
