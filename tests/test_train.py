@@ -114,6 +114,45 @@ def test_ddp_sampler_shards_union_equals_single_process_batches():
     assert [i for _, i in s] == single[5:]
 
 
+class _Draws(torch.utils.data.Dataset):
+    """Each item draws from all three global generators, as an augmenting dataset may."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> dict:
+        import random
+
+        import numpy as np
+
+        return {"py": random.random(), "np": float(np.random.rand()), "torch": torch.rand(3), "i": i}
+
+
+def test_a_batch_fetched_at_once_draws_each_item_as_alone_and_restores_the_generators():
+    import random
+
+    import numpy as np
+
+    from mlip_core.train import SeededDataset
+
+    data = SeededDataset(_Draws(), seed=5)
+    keys = [(2, 7), (2, 0), (2, 7), (3, 7)]
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before = (random.random(), float(np.random.rand()), torch.rand(1))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    batch = data.__getitems__(keys)
+    after = (random.random(), float(np.random.rand()), torch.rand(1))
+    assert before[:2] == after[:2] and torch.equal(before[2], after[2])  # the callers' streams never moved
+    alone = [data[k] for k in keys]
+    for got, want in zip(batch, alone):
+        assert (got["py"], got["np"], got["_key"]) == (want["py"], want["np"], want["_key"])
+        assert torch.equal(got["torch"], want["torch"])
+    assert batch[0]["py"] == batch[2]["py"] and batch[0]["py"] != batch[3]["py"]  # seeded by (epoch, index)
+    assert batch[0]["py"] != batch[1]["py"]
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=keys, collate_fn=list)
+    assert [it["py"] for it in next(iter(loader))] == [it["py"] for it in alone]  # the loader takes __getitems__
+
+
 def test_short_run_decreases_loss(tmp_path):
     result = run(str(tmp_path), epochs=4, lr=1e-2)
     losses = [r["loss_global"] for r in result.history]
