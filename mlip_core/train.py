@@ -1018,12 +1018,15 @@ def swapped_versions(collate: Any, texts: Sequence[str], variants: int, group_si
 
 
 def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
-                         variants: int, group_size: int, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+                         variants: int, group_size: int, seed: int = 0, progress: bool = False,
+                         own_features: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Text swapping for a wholly frozen text tower: the :func:`swapped_versions` of every report encoded once by
     the tower. Returns ``swap_text_tokens`` (V,N,L,Dt) float16, ``swap_attention_mask`` (V,N,L), ``swap_label``
     (V,N) and the reports' own ``attention_mask`` (N,L), L = ``max_length``. The versions depend on the texts and
     ``seed`` only, not on the run's seed, so every run on a dataset shares one encoding, cached in
-    ``workspace("cache", "text")`` by a hash of the tower, the length, the texts and what draws the versions."""
+    ``workspace("cache", "text")`` by a hash of the tower, the length, the texts and what draws the versions.
+    ``own_features``: the reports' own :func:`frozen_text_features`; a version that came out equal to a report
+    (a swap that changed nothing the tokenizer keeps) takes them instead of a forward pass."""
     from mlip_core.model.encoders import precompute_text_features
     from mlip_core.paths import workspace
 
@@ -1038,7 +1041,8 @@ def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, te
         flat = [t for version in swapped for t in version]
         own = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
         enc = tokenizer(flat, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
-        tokens = precompute_text_features(text_tower, enc, progress=progress)["text_tokens"]
+        known = (own, own_features) if own_features is not None else None
+        tokens = precompute_text_features(text_tower, enc, progress=progress, known=known)["text_tokens"]
         N, L = len(texts), enc["input_ids"].shape[1]
         return {"swap_text_tokens": tokens.half().view(variants, N, L, -1),
                 "swap_attention_mask": enc["attention_mask"].view(variants, N, L), "swap_label": labels,
@@ -1099,7 +1103,8 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
                     if lc.swap and config.train.swap_variants > 0 and config.train.swap_prob > 0:
                         swap = frozen_swap_features(collate, model.text_tower, tokenizer, ds._texts,
                                                     mc.text.max_length, config.train.swap_variants,
-                                                    config.train.batch_size, progress=config.train.progress)
+                                                    config.train.batch_size, progress=config.train.progress,
+                                                    own_features=feats)
                     train_set = TextFeatureDataset(ds, feats, swap, config.train.swap_prob)
                 else:
                     val_set = TextFeatureDataset(ds, feats)

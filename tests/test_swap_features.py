@@ -45,9 +45,11 @@ def build(variants: int = 3):
     tokenizer = build_tokenizer(TextTowerConfig(name="tiny"))
     tower = frozen_tiny_tower()
     collate = PretrainCollator(tokenizer, KnowledgeExtractor(), MAX_LENGTH, swap_prob=0.5)
-    swap = frozen_swap_features(collate, tower, tokenizer, REPORTS, MAX_LENGTH, variants, group_size=6, seed=0)
     enc = tokenizer(REPORTS, max_length=MAX_LENGTH, truncation=True, padding="max_length", return_tensors="pt")
     own = precompute_text_features(tower, enc)
+    # versions equal to a report reuse its features (what build_run passes)
+    swap = frozen_swap_features(collate, tower, tokenizer, REPORTS, MAX_LENGTH, variants, group_size=6, seed=0,
+                                own_features=own)
     return tokenizer, tower, collate, swap, own
 
 
@@ -135,3 +137,42 @@ def test_the_model_reads_precomputed_swap_tokens_as_if_it_had_encoded_the_swappe
     ctx = Context(model=model, fusion=model.objective.fusion, progress=Progress())
     a, b = swap(f, batch, ctx)["loss"], swap(f, cached, ctx)["loss"]
     assert torch.allclose(a, b, atol=1e-3)
+
+
+class _CountingTower(torch.nn.Module):
+    """Wraps a frozen tower and counts the rows it encodes."""
+
+    def __init__(self, tower: TextTower) -> None:
+        super().__init__()
+        self.tower, self.rows = tower, 0
+        self.frozen = tower.frozen
+
+    def forward(self, ids, mask, cls_attention=False):
+        self.rows += ids.shape[0]
+        return self.tower(ids, mask, cls_attention=cls_attention)
+
+
+def test_repeated_and_known_reports_are_copied_not_encoded_again():
+    tokenizer = build_tokenizer(TextTowerConfig(name="tiny"))
+    counting = _CountingTower(frozen_tiny_tower())
+    enc = tokenizer(REPORTS, max_length=MAX_LENGTH, truncation=True, padding="max_length", return_tensors="pt")
+    feats = precompute_text_features(counting, enc, chunk=4)
+    assert counting.rows == 6  # REPORTS is six reports three times
+    for i in range(len(REPORTS)):  # each row as the tower gives it alone
+        alone = counting.tower(enc["input_ids"][i:i + 1], enc["attention_mask"][i:i + 1], cls_attention=True)
+        assert torch.allclose(feats["text_tokens"][i], alone.tokens[0], atol=1e-5)
+        assert torch.allclose(feats["text_sentence"][i], alone.sentence[0], atol=1e-5)
+        assert torch.allclose(feats["text_cls_attention"][i], alone.cls_attention[0], atol=1e-5)
+    # Rows equal to known ones take the known features (here planted as zeros + i, so a copy is visible).
+    known_enc = {k: v[:6] for k, v in enc.items()}
+    planted = {k: torch.zeros_like(v[:6]) + torch.arange(6).view(-1, *[1] * (v.ndim - 1)) for k, v in feats.items()}
+    extra = tokenizer(["Enlarged heart. No effusion.", REPORTS[2], REPORTS[4]], max_length=MAX_LENGTH,
+                      truncation=True, padding="max_length", return_tensors="pt")
+    counting.rows = 0
+    mixed = precompute_text_features(counting, {k: extra[k] for k in ("input_ids", "attention_mask")},
+                                     known=(known_enc, planted))
+    assert counting.rows == 1  # only the new report
+    assert torch.equal(mixed["text_sentence"][1], planted["text_sentence"][2])
+    assert torch.equal(mixed["text_tokens"][2], planted["text_tokens"][4])
+    alone = counting.tower(extra["input_ids"][:1], extra["attention_mask"][:1], cls_attention=True)
+    assert torch.allclose(mixed["text_tokens"][0], alone.tokens[0], atol=1e-5)

@@ -389,26 +389,63 @@ class TextTower(nn.Module):
 
 @torch.no_grad()
 def precompute_text_features(tower: TextTower, encoded: dict[str, Tensor], chunk: int = 64,
-                             progress: bool = False) -> dict[str, Tensor]:
+                             progress: bool = False, known: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+                             ) -> dict[str, Tensor]:
     """Encode every report once with a wholly frozen tower, in fixed chunks (the same numbers on every run):
     ``encoded`` holds ``input_ids``/``attention_mask`` (N,L) padded to one length -> ``text_tokens`` (N,L,Dt),
-    ``text_sentence`` (N,Dt), ``text_cls_attention`` (N,L), all float32 on the CPU."""
+    ``text_sentence`` (N,Dt), ``text_cls_attention`` (N,L), all float32 on the CPU.
+
+    Only distinct rows are run through the tower (a fifth of the offline world's reports repeat another one token
+    for token) and repeats are copied. ``known``: ``(encoded, features)`` of rows encoded earlier (same length);
+    rows equal to one of them take its features instead of a forward pass (text swapping's versions that came
+    out equal to some report)."""
     if not tower.frozen:
         raise ValueError("precompute_text_features needs a wholly frozen text tower (freeze_layers = all layers)")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    N = ids.shape[0]
+    rows = torch.cat([ids, mask], 1)
+    n_known = 0
+    if known is not None:
+        known_enc, known_feats = known
+        if known_enc["input_ids"].shape[1] != ids.shape[1]:
+            raise ValueError(f"known rows have length {known_enc['input_ids'].shape[1]}, these {ids.shape[1]}")
+        rows = torch.cat([torch.cat([known_enc["input_ids"], known_enc["attention_mask"]], 1), rows])
+        n_known = known_enc["input_ids"].shape[0]
+    # Each distinct row's first occurrence (a known row comes first, so a repeat of one is never encoded); the rows
+    # to run are the first occurrences among ``encoded``'s, in the order they appear there.
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((distinct.shape[0],), rows.shape[0], dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0]), reduce="amin")
+    todo = first[first >= n_known].sort().values - n_known
     was = tower.training
     tower.eval()
     device = next(tower.parameters()).device
-    ids, mask = encoded["input_ids"], encoded["attention_mask"]
     out: dict[str, list[Tensor]] = {"text_tokens": [], "text_sentence": [], "text_cls_attention": []}
-    starts = range(0, ids.shape[0], chunk)
+    starts = range(0, todo.numel(), chunk)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="encoding reports once", leave=False)
     for s in starts:
-        f = tower(ids[s:s + chunk].to(device), mask[s:s + chunk].to(device), cls_attention=True)
+        sel = todo[s:s + chunk]
+        f = tower(ids[sel].to(device), mask[sel].to(device), cls_attention=True)
         out["text_tokens"].append(f.tokens.float().cpu())
         out["text_sentence"].append(f.sentence.float().cpu())
         out["text_cls_attention"].append(f.cls_attention.float().cpu())
     tower.train(was)
-    return {k: torch.cat(v) for k, v in out.items()}
+    # Every row of ``encoded`` takes the features of its distinct row's first occurrence: a known row, or the
+    # place of that occurrence in ``todo``.
+    source = first[inverse[n_known:]]
+    from_known = source < n_known
+    place = torch.searchsorted(todo, (source - n_known).clamp(min=0))
+    result = {}
+    for k, parts in out.items():
+        ran = torch.cat(parts) if parts else None
+        shape = (N, *(ran.shape[1:] if ran is not None else known_feats[k].shape[1:]))
+        feats = torch.empty(shape, dtype=torch.float32)
+        if ran is not None:
+            feats[~from_known] = ran[place[~from_known]]
+        if from_known.any():
+            feats[from_known] = known_feats[k][source[from_known]].float()
+        result[k] = feats
+    return result
