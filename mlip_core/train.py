@@ -751,11 +751,14 @@ class Trainer:
                 # tower once per validation batch, not twice); others are asked for them.
                 ie, te = out.get("image_embedding"), out.get("text_embedding")
                 if ie is None:
+                    if "image" not in batch:
+                        raise ValueError("validation needs the images (the batch carries cached trunk features) "
+                                         "or a model whose forward returns image_embedding")
                     ie = model.encode_image(batch["image"], normalize=True)
                 if te is None:
                     te = model.encode_batch_text(batch, normalize=True) if hasattr(model, "encode_batch_text") \
                         else model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)
-            b = batch["image"].shape[0]
+            b = meta["index"].numel()
             for k, v in out.items():
                 if _logged(k) and torch.is_tensor(v) and v.numel() == 1:
                     sums[k] = sums.get(k, 0.0) + float(v) * b
@@ -929,7 +932,7 @@ class TrunkFeatureDataset(Dataset):
 
     def __getitem__(self, key: Any) -> dict[str, Any]:
         item = self.base[key]
-        i, v = int(item["index"]), int(torch.randint(self.views, ()))
+        i, v = int(item["index"]), int(torch.randint(self.views, ())) if self.views > 1 else 0
         item["trunk"] = self.trunk["trunk"][v, i]
         if "trunk_fmap" in self.trunk:
             item["trunk_fmap"] = self.trunk["trunk_fmap"][v, i]
@@ -938,10 +941,12 @@ class TrunkFeatureDataset(Dataset):
 
 @torch.no_grad()
 def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int = 0, batch_size: int = 64,
-                          progress: bool = False, channels_last: bool = False) -> dict[str, torch.Tensor]:
+                          progress: bool = False, channels_last: bool = False,
+                          dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """``views`` augmented views of every image of ``dataset`` (a :class:`MimicPretrainDataset` with its
     training transform; view v of image i drawn under a generator seeded by (seed, v, i)) through the tower's
-    stem and frozen stages (:meth:`~mlip_core.model.encoders.ImageTower.frozen_trunk`), stored in float16:
+    stem and frozen stages (:meth:`~mlip_core.model.encoders.ImageTower.frozen_trunk`), stored in ``dtype``
+    (float16 for the training views; validation keeps float32, what its images would give):
     ``trunk`` (V,N,C,h,w) and ``trunk_fmap`` (V,N,Cp,hp,wp) when the patch map is a frozen stage's output other
     than the last (the last one's is ``trunk`` itself, which
     :meth:`~mlip_core.model.encoders.ImageTower.forward_from_trunk` knows). Pretrained weights: cached in ``workspace("cache",
@@ -954,14 +959,17 @@ def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int 
     cfg = tower.cfg
     key = cache_key(*dataset._paths, repr(dataset.transform), cfg.name, cfg.pretrained, cfg.image_size,
                     tower.frozen_trunk_stages, cfg.patch_level, views, seed,
-                    *(["channels_last"] if channels_last else []))  # NCHW keys stay as they were
+                    *(["channels_last"] if channels_last else []),  # NCHW and float16 keys stay as they were
+                    *([str(dtype)] if dtype != torch.float16 else []))
     path = workspace("cache", "trunk") / f"{cfg.name}_{cfg.image_size}_{key}.pt"
-    return cached_tensors(path, lambda: _trunk_views(tower, dataset, views, seed, batch_size, progress, channels_last),
+    return cached_tensors(path, lambda: _trunk_views(tower, dataset, views, seed, batch_size, progress, channels_last,
+                                                     dtype),
                           enabled=bool(cfg.pretrained), what="trunk feature cache")
 
 
 def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_size: int,
-                 progress: bool, channels_last: bool = False) -> dict[str, torch.Tensor]:
+                 progress: bool, channels_last: bool = False, dtype: torch.dtype = torch.float16
+                 ) -> dict[str, torch.Tensor]:
     from mlip_core.model.encoders import memory_format
 
     device = next(tower.parameters()).device
@@ -984,9 +992,9 @@ def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_si
                         seed_all(_seed_for(seed, 7_000_003, v, i))
                         images.append(dataset[i]["image"])
                 x, fmap = tower.frozen_trunk(torch.stack(images).to(device).contiguous(memory_format=fmt))
-                trunks.append(x.half().cpu().contiguous())
+                trunks.append(x.to(dtype).cpu().contiguous())
                 if fmap is not None and fmap is not x:
-                    fmaps.append(fmap.half().cpu().contiguous())
+                    fmaps.append(fmap.to(dtype).cpu().contiguous())
     finally:
         dataset.load_images = was
     out = {"trunk": torch.cat(trunks).unflatten(0, (views, N))}
@@ -1116,6 +1124,13 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
         trunk = frozen_trunk_features(tower, images, config.train.trunk_views, seed=config.train.seed,
                                       progress=config.train.progress, channels_last=config.train.channels_last)
         train_set = TrunkFeatureDataset(train_set, trunk, images)
+        if len(val_set):
+            # Validation's images take the deterministic eval transform: one view, computed once instead of at
+            # every validation, and kept in float32 so that the numbers are what the images themselves give.
+            val_images = val_set.base if isinstance(val_set, TextFeatureDataset) else val_set
+            val_trunk = frozen_trunk_features(tower, val_images, 1, seed=0, progress=config.train.progress,
+                                              channels_last=config.train.channels_last, dtype=torch.float32)
+            val_set = TrunkFeatureDataset(val_set, val_trunk, val_images)
     return {"model": model, "train_set": train_set, "val_set": val_set if len(val_set) else None,
             "collate_fn": collate, "tokenizer": tokenizer, "graph": graph}
 

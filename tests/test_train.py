@@ -346,8 +346,33 @@ def test_each_seed_draws_its_own_cached_views_of_the_frozen_stages(tiny_world, m
             "--seed", str(seed), "--data", str(tiny_world / "world")]
     run = engine.build_run(engine.config_from_args(engine._parse_args(args + ["--out", str(tiny_world / "x")])),
                            tiny_world / "world")
-    assert drawn == [seed]
+    assert drawn == [seed, 0]  # the training views under the run's seed; validation's one eval view
     assert isinstance(run["train_set"], engine.TrunkFeatureDataset)
+
+
+def test_validation_from_cached_frozen_stages_equals_validation_from_the_images(tiny_world, monkeypatch):
+    """With ``trunk_views`` the validation images' frozen stages run once (eval transform, float32); every
+    validation must then give what it gives from the images themselves."""
+    import mlip_core.train as engine
+
+    monkeypatch.setenv("MLIP_WORKSPACE", str(tiny_world / "ws"))
+    args = [*MLIP_ARGS, "--set", "model.image.frozen_stages=2", "--set", "train.trunk_views=2",
+            "--data", str(tiny_world / "world"), "--out", str(tiny_world / "val_trunk")]
+    config = engine.config_from_args(engine._parse_args(args))
+    run = engine.build_run(config, tiny_world / "world")
+    cached_set = run["val_set"]
+    assert isinstance(cached_set, engine.TrunkFeatureDataset) and cached_set.trunk["trunk"].dtype == torch.float32
+    trainer = engine.Trainer(config, tiny_world / "val_trunk", run["model"], run["train_set"], run["collate_fn"],
+                             cached_set)
+    assert "image" not in cached_set[0] and "trunk" in cached_set[0]
+    from_cache = trainer.validate()
+    images = cached_set.base.base if isinstance(cached_set.base, engine.TextFeatureDataset) else cached_set.base
+    images.load_images = True
+    trainer.val_set = cached_set.base
+    from_images = trainer.validate()
+    assert from_cache.keys() == from_images.keys() and from_cache["val_n"] == from_images["val_n"] > 0
+    for key, value in from_images.items():
+        assert from_cache[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
 def test_mlip_torchrun_two_gloo_processes_completes_and_global_terms_agree(tiny_world):
