@@ -751,10 +751,8 @@ class Trainer:
                 # tower once per validation batch, not twice); others are asked for them.
                 ie, te = out.get("image_embedding"), out.get("text_embedding")
                 if ie is None:
-                    if "image" not in batch:
-                        raise ValueError("validation needs the images (the batch carries cached trunk features) "
-                                         "or a model whose forward returns image_embedding")
-                    ie = model.encode_image(batch["image"], normalize=True)
+                    ie = model.encode_batch_image(batch, normalize=True) if hasattr(model, "encode_batch_image") \
+                        else model.encode_image(batch["image"], normalize=True)
                 if te is None:
                     te = model.encode_batch_text(batch, normalize=True) if hasattr(model, "encode_batch_text") \
                         else model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=True)

@@ -373,6 +373,15 @@ def test_validation_from_cached_frozen_stages_equals_validation_from_the_images(
     assert from_cache.keys() == from_images.keys() and from_cache["val_n"] == from_images["val_n"] > 0
     for key, value in from_images.items():
         assert from_cache[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    # Without the loss terms (chapter 06's grid) validation asks the model for the embeddings alone.
+    trainer.tc.validation_losses = False
+    retrieval_only = trainer.validate()
+    trainer.val_set = cached_set
+    retrieval_only_cached = trainer.validate()
+    assert not any(k.startswith("val_loss") for k in retrieval_only_cached)
+    for key, value in retrieval_only.items():
+        assert retrieval_only_cached[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        assert value == pytest.approx(from_images[key], rel=1e-4, abs=1e-5), key
 
 
 def test_mlip_torchrun_two_gloo_processes_completes_and_global_terms_agree(tiny_world):

@@ -202,6 +202,16 @@ class MLIP(nn.Module):
         z = self.image_proj(self.image_tower(x).global_)
         return F.normalize(z, dim=-1) if normalize else z
 
+    def encode_batch_image(self, batch: dict[str, Tensor], normalize: bool = True) -> Tensor:
+        """The batch's image embeddings, from its cached frozen-stage outputs (``trunk``, ``trunk_fmap``; see
+        :class:`mlip_core.train.TrunkFeatureDataset`) when it carries them, else from its images."""
+        if "trunk" not in batch:
+            return self.encode_image(batch["image"], normalize)
+        fmap = batch.get("trunk_fmap")
+        img = self.image_tower.forward_from_trunk(batch["trunk"].float(), None if fmap is None else fmap.float())
+        z = self.image_proj(img.global_)
+        return F.normalize(z, dim=-1) if normalize else z
+
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor, normalize: bool = True,
                     sentence: Tensor | None = None) -> Tensor:
         """(B,L) ids and mask -> (B,d) global report embedding (``sentence``: precomputed tower output)."""
