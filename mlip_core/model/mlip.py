@@ -205,12 +205,19 @@ class MLIP(nn.Module):
     def encode_batch_image(self, batch: dict[str, Tensor], normalize: bool = True) -> Tensor:
         """The batch's image embeddings, from its cached frozen-stage outputs (``trunk``, ``trunk_fmap``; see
         :class:`mlip_core.train.TrunkFeatureDataset`) when it carries them, else from its images."""
-        if "trunk" not in batch:
+        trunk = self._cached_trunk(batch)
+        if trunk is None:
             return self.encode_image(batch["image"], normalize)
-        fmap = batch.get("trunk_fmap")
-        img = self.image_tower.forward_from_trunk(batch["trunk"].float(), None if fmap is None else fmap.float())
-        z = self.image_proj(img.global_)
+        z = self.image_proj(self.image_tower.forward_from_trunk(*trunk).global_)
         return F.normalize(z, dim=-1) if normalize else z
+
+    @staticmethod
+    def _cached_trunk(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None] | None:
+        """The batch's cached frozen-stage outputs (``trunk``, ``trunk_fmap`` or None) in float32, or None."""
+        if "trunk" not in batch:
+            return None
+        fmap = batch.get("trunk_fmap")
+        return batch["trunk"].float(), None if fmap is None else fmap.float()
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor, normalize: bool = True,
                     sentence: Tensor | None = None) -> Tensor:
@@ -245,11 +252,9 @@ class MLIP(nn.Module):
         # The stem and frozen stages of the tower and of its momentum copy hold the same weights (the EMA skips
         # frozen ones, buffers are copied): compute them once for both (more than half a CNN's forward), or read
         # them from the batch (train.trunk_views: computed once per augmented view before training).
-        trunk: tuple[Tensor, Tensor | None] | None = None
-        if "trunk" in batch:
-            fmap = batch.get("trunk_fmap")
-            trunk = (batch["trunk"].float(), None if fmap is None else fmap.float())
-        elif self.config.loss.divergence and not self.image_tower.is_vit and self.image_tower.frozen_trunk_stages > 0:
+        trunk = self._cached_trunk(batch)
+        if trunk is None and self.config.loss.divergence and not self.image_tower.is_vit \
+                and self.image_tower.frozen_trunk_stages > 0:
             trunk = self.image_tower.frozen_trunk(batch["image"])
         img = self.image_tower(batch["image"]) if trunk is None else self.image_tower.forward_from_trunk(*trunk)
         sentence, tokens, cls = self._text_features(batch)
