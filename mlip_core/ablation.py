@@ -216,7 +216,9 @@ def ceiling_rows(world_dir: str | os.PathLike, task: Any, params: dict[str, Any]
     xy = {}
     for split in ("train", "validate"):
         pairs, _ = load_mimic_pairs(world_dir, split=split, views=tuple(cfg.train.views.split(",")))
-        feats = frozen_text_features(tower, tokenizer, pairs["text"].tolist(), cfg.model.text.max_length)
+        # the precision build_run encodes each split at, so that the runs' cached features are read, not recomputed
+        feats = frozen_text_features(tower, tokenizer, pairs["text"].tolist(), cfg.model.text.max_length,
+                                     precision=cfg.train.frozen_precision if split == "train" else "fp32")
         y = pairs[["study_id"]].merge(truth, on="study_id", how="left")[labels].fillna(0).to_numpy() > 0
         xy[split] = (feats["text_sentence"].numpy(), y)
     (x_tr, y_tr), (x_va, y_va) = xy["train"], xy["validate"]

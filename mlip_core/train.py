@@ -365,6 +365,16 @@ def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool)
     return out
 
 
+def frozen_autocast_dtype(precision: str) -> torch.dtype | None:
+    """``TrainConfig.frozen_precision`` -> the autocast dtype of the frozen towers' passes run once before
+    training (None: float32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    raise ValueError(f"frozen_precision must be bf16|fp32, got {precision!r}")
+
+
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype: None (fp32) on CPU or when asked; bf16 where supported else fp16 on CUDA for 'auto'."""
     if device.type != "cuda" or precision == "fp32":
@@ -894,19 +904,22 @@ def encoded_reports(collate: Any, texts: Sequence[str]) -> dict[str, torch.Tenso
 
 
 def frozen_text_features(text_tower: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
-                         progress: bool = False) -> dict[str, torch.Tensor]:
+                         progress: bool = False, precision: str = "fp32") -> dict[str, torch.Tensor]:
     """Every report encoded once by a wholly frozen text tower (see
     :func:`mlip_core.model.encoders.precompute_text_features`), cached in ``workspace("cache", "text")`` by a
-    hash of the tower, the length and the texts: the ablations' runs share one encoding per world."""
+    hash of the tower, the length and the texts: the ablations' runs share one encoding per world.
+    ``precision``: bf16 runs the tower under bfloat16 autocast (``TrainConfig.frozen_precision``)."""
     from mlip_core.model.encoders import precompute_text_features
     from mlip_core.paths import workspace
 
     texts = [t if isinstance(t, str) else "" for t in texts]
-    key = cache_key(*texts, text_tower.name, max_length, text_tower.cfg.pooling)
+    key = cache_key(*texts, text_tower.name, max_length, text_tower.cfg.pooling,
+                    *([precision] if precision != "fp32" else []))  # float32 keys stay as they were
 
     def build() -> dict[str, torch.Tensor]:
         enc = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
-        return precompute_text_features(text_tower, enc, progress=progress)
+        return precompute_text_features(text_tower, enc, progress=progress,
+                                        autocast_dtype=frozen_autocast_dtype(precision))
 
     # a random tower's features depend on the seed: never cached
     return cached_tensors(workspace("cache", "text") / f"{text_tower.name}_{key}.pt", build,
@@ -940,7 +953,7 @@ class TrunkFeatureDataset(Dataset):
 @torch.no_grad()
 def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int = 0, batch_size: int = 64,
                           progress: bool = False, channels_last: bool = False,
-                          dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+                          dtype: torch.dtype = torch.float16, precision: str = "fp32") -> dict[str, torch.Tensor]:
     """``views`` augmented views of every image of ``dataset`` (a :class:`MimicPretrainDataset` with its
     training transform; view v of image i drawn under a generator seeded by (seed, v, i)) through the tower's
     stem and frozen stages (:meth:`~mlip_core.model.encoders.ImageTower.frozen_trunk`), stored in ``dtype``
@@ -951,23 +964,25 @@ def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int 
     "trunk")`` by a hash of the image paths, the transform, the tower and its frozen stages, ``views`` and
     ``seed``; a randomly initialised trunk depends on the run's seed and is never cached. ``channels_last``: run
     the stages in that memory format, as the trainer runs the tower (oneDNN: 1.9x faster at 128 px, 1.45x at 64 px
-    on a CPU; the outputs differ from NCHW's by ~1e-6 relative, so the format is part of the cache key)."""
+    on a CPU; the outputs differ from NCHW's by ~1e-6 relative, so the format is part of the cache key).
+    ``precision``: bf16 runs the stages under bfloat16 autocast (``TrainConfig.frozen_precision``)."""
     from mlip_core.paths import workspace
 
     cfg = tower.cfg
     key = cache_key(*dataset._paths, repr(dataset.transform), cfg.name, cfg.pretrained, cfg.image_size,
                     tower.frozen_trunk_stages, cfg.patch_level, views, seed,
                     *(["channels_last"] if channels_last else []),  # NCHW and float16 keys stay as they were
-                    *([str(dtype)] if dtype != torch.float16 else []))
+                    *([str(dtype)] if dtype != torch.float16 else []),
+                    *([precision] if precision != "fp32" else []))
     path = workspace("cache", "trunk") / f"{cfg.name}_{cfg.image_size}_{key}.pt"
     return cached_tensors(path, lambda: _trunk_views(tower, dataset, views, seed, batch_size, progress, channels_last,
-                                                     dtype),
+                                                     dtype, frozen_autocast_dtype(precision)),
                           enabled=bool(cfg.pretrained), what="trunk feature cache")
 
 
 def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_size: int,
-                 progress: bool, channels_last: bool = False, dtype: torch.dtype = torch.float16
-                 ) -> dict[str, torch.Tensor]:
+                 progress: bool, channels_last: bool = False, dtype: torch.dtype = torch.float16,
+                 autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     from mlip_core.model.encoders import memory_format
 
     device = next(tower.parameters()).device
@@ -989,7 +1004,9 @@ def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_si
                     for i in range(s, min(N, s + batch_size)):
                         seed_all(_seed_for(seed, 7_000_003, v, i))
                         images.append(dataset[i]["image"])
-                x, fmap = tower.frozen_trunk(torch.stack(images).to(device).contiguous(memory_format=fmt))
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    x, fmap = tower.frozen_trunk(torch.stack(images).to(device).contiguous(memory_format=fmt))
                 trunks.append(x.to(dtype).cpu().contiguous())
                 if fmap is not None and fmap is not x:
                     fmaps.append(fmap.to(dtype).cpu().contiguous())
@@ -1025,14 +1042,16 @@ def swapped_versions(collate: Any, texts: Sequence[str], variants: int, group_si
 
 def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int,
                          variants: int, group_size: int, seed: int = 0, progress: bool = False,
-                         own_features: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                         own_features: dict[str, torch.Tensor] | None = None, precision: str = "fp32"
+                         ) -> dict[str, torch.Tensor]:
     """Text swapping for a wholly frozen text tower: the :func:`swapped_versions` of every report encoded once by
     the tower. Returns ``swap_text_tokens`` (V,N,L,Dt) float16, ``swap_attention_mask`` (V,N,L), ``swap_label``
     (V,N) and the reports' own ``attention_mask`` (N,L), L = ``max_length``. The versions depend on the texts and
     ``seed`` only, not on the run's seed, so every run on a dataset shares one encoding, cached in
     ``workspace("cache", "text")`` by a hash of the tower, the length, the texts and what draws the versions.
     ``own_features``: the reports' own :func:`frozen_text_features`; a version that came out equal to a report
-    (a swap that changed nothing the tokenizer keeps) takes them instead of a forward pass."""
+    (a swap that changed nothing the tokenizer keeps) takes them instead of a forward pass; they must come from
+    the same ``precision`` (bf16: the tower runs under bfloat16 autocast, ``TrainConfig.frozen_precision``)."""
     from mlip_core.model.encoders import precompute_text_features
     from mlip_core.paths import workspace
 
@@ -1040,7 +1059,7 @@ def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, te
     # Keyed by what determines the versions (the texts, their number, the groups, the seed, the knowledge graph
     # the collator's extractor reads) so that a cached encoding is found without rebuilding them.
     key = cache_key(*texts, "swap", variants, group_size, seed, collate.max_length, _graph_fingerprint(collate),
-                    text_tower.name, max_length)
+                    text_tower.name, max_length, *([precision] if precision != "fp32" else []))
 
     def build() -> dict[str, torch.Tensor]:
         swapped, labels = swapped_versions(collate, texts, variants, group_size, seed)
@@ -1048,7 +1067,8 @@ def frozen_swap_features(collate: Any, text_tower: nn.Module, tokenizer: Any, te
         own = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
         enc = tokenizer(flat, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
         known = (own, own_features) if own_features is not None else None
-        tokens = precompute_text_features(text_tower, enc, progress=progress, known=known)["text_tokens"]
+        tokens = precompute_text_features(text_tower, enc, progress=progress, known=known,
+                                          autocast_dtype=frozen_autocast_dtype(precision))["text_tokens"]
         N, L = len(texts), enc["input_ids"].shape[1]
         return {"swap_text_tokens": tokens.half().view(variants, N, L, -1),
                 "swap_attention_mask": enc["attention_mask"].view(variants, N, L), "swap_label": labels,
@@ -1101,8 +1121,10 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
     if mc.text.cache_features and model.text_tower.frozen:
         for ds in (train_set, val_set):
             if len(ds):
+                # The training reports at the engine's frozen precision; validation's as the tower gives them.
                 feats = frozen_text_features(model.text_tower, tokenizer, ds._texts, mc.text.max_length,
-                                             progress=config.train.progress)
+                                             progress=config.train.progress,
+                                             precision=config.train.frozen_precision if ds is train_set else "fp32")
                 feats.update(encoded_reports(collate, ds._texts))
                 if ds is train_set:
                     swap = None
@@ -1110,7 +1132,7 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
                         swap = frozen_swap_features(collate, model.text_tower, tokenizer, ds._texts,
                                                     mc.text.max_length, config.train.swap_variants,
                                                     config.train.batch_size, progress=config.train.progress,
-                                                    own_features=feats)
+                                                    own_features=feats, precision=config.train.frozen_precision)
                     train_set = TextFeatureDataset(ds, feats, swap, config.train.swap_prob)
                 else:
                     val_set = TextFeatureDataset(ds, feats)
@@ -1120,7 +1142,8 @@ def build_run(config: Any, data_dir: str | os.PathLike, dist_info: DistInfo | No
         # Views drawn under the run's seed, as the augmentation of an uncached run would be: seeds that shared
         # one set of views gave chapter 06 a seed spread that missed the augmentation's share of the variation.
         trunk = frozen_trunk_features(tower, images, config.train.trunk_views, seed=config.train.seed,
-                                      progress=config.train.progress, channels_last=config.train.channels_last)
+                                      progress=config.train.progress, channels_last=config.train.channels_last,
+                                      precision=config.train.frozen_precision)
         train_set = TrunkFeatureDataset(train_set, trunk, images)
         if len(val_set):
             # Validation's images take the deterministic eval transform: one view, computed once instead of at

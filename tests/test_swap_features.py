@@ -176,3 +176,22 @@ def test_repeated_and_known_reports_are_copied_not_encoded_again():
     assert torch.equal(mixed["text_tokens"][2], planted["text_tokens"][4])
     alone = counting.tower(extra["input_ids"][:1], extra["attention_mask"][:1], cls_attention=True)
     assert torch.allclose(mixed["text_tokens"][0], alone.tokens[0], atol=1e-5)
+
+
+def test_bf16_autocast_gives_float32_features_near_the_float32_pass():
+    """``autocast_dtype=torch.bfloat16`` (``train.frozen_precision = "bf16"``): the tower runs under autocast (the
+    features differ from float32's) yet stays close to it, and the features come back as float32."""
+    tokenizer, tower = build_tokenizer(TextTowerConfig(name="tiny")), frozen_tiny_tower()
+    enc = tokenizer(REPORTS, max_length=MAX_LENGTH, truncation=True, padding="max_length", return_tensors="pt")
+    exact = precompute_text_features(tower, enc)
+    fast = precompute_text_features(tower, enc, autocast_dtype=torch.bfloat16)
+    for k in ("text_tokens", "text_sentence", "text_cls_attention"):
+        assert fast[k].dtype == torch.float32
+        rel = (fast[k] - exact[k]).norm() / exact[k].norm()
+        assert 0 < rel < 0.03, (k, rel)
+    # the swap versions take the precision too: close to, and not equal to, the float32 encoding
+    collate = PretrainCollator(tokenizer, KnowledgeExtractor(), MAX_LENGTH, swap_prob=0.5)
+    args = (collate, tower, tokenizer, REPORTS, MAX_LENGTH, 2)
+    s32 = frozen_swap_features(*args, group_size=6, own_features=exact)["swap_text_tokens"].float()
+    s16 = frozen_swap_features(*args, group_size=6, own_features=fast, precision="bf16")["swap_text_tokens"].float()
+    assert 0 < (s16 - s32).norm() / s32.norm() < 0.03

@@ -117,3 +117,17 @@ def test_channels_last_trunk_matches_nchw_and_leaves_the_tower_as_it_found_it():
     assert cl["trunk"].shape == nchw["trunk"].shape and cl["trunk"].is_contiguous()
     assert torch.allclose(cl["trunk"].float(), nchw["trunk"].float(), atol=2e-2, rtol=1e-2)
     assert all(p.is_contiguous() for p in t.parameters())  # layout restored, values untouched
+
+
+def test_bf16_frozen_precision_runs_the_stages_under_autocast_near_float32():
+    """``train.frozen_precision = "bf16"``: the same views through the stages under bfloat16 autocast, close to the
+    float32 pass (not equal: the autocast ran), stored in the same dtype; the tower stays float32."""
+    images, t = Images(), tower(3)
+    exact = frozen_trunk_features(t, images, views=2, seed=0, batch_size=4, dtype=torch.float32)
+    fast = frozen_trunk_features(t, images, views=2, seed=0, batch_size=4, dtype=torch.float32, precision="bf16")
+    assert fast["trunk"].dtype == torch.float32 and fast["trunk"].shape == exact["trunk"].shape
+    rel = (fast["trunk"] - exact["trunk"]).norm() / exact["trunk"].norm()
+    assert 0 < rel < 0.05
+    assert all(p.dtype == torch.float32 for p in t.parameters())
+    with pytest.raises(ValueError, match="frozen_precision must be bf16|fp32"):
+        frozen_trunk_features(t, images, views=1, precision="fp16")

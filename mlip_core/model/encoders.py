@@ -389,8 +389,8 @@ class TextTower(nn.Module):
 
 @torch.no_grad()
 def precompute_text_features(tower: TextTower, encoded: dict[str, Tensor], chunk: int = 64,
-                             progress: bool = False, known: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
-                             ) -> dict[str, Tensor]:
+                             progress: bool = False, known: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
+                             autocast_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Encode every report once with a wholly frozen tower, in fixed chunks (the same numbers on every run):
     ``encoded`` holds ``input_ids``/``attention_mask`` (N,L) padded to one length -> ``text_tokens`` (N,L,Dt),
     ``text_sentence`` (N,Dt), ``text_cls_attention`` (N,L), all float32 on the CPU.
@@ -398,7 +398,8 @@ def precompute_text_features(tower: TextTower, encoded: dict[str, Tensor], chunk
     Only distinct rows are run through the tower (a fifth of the offline world's reports repeat another one token
     for token) and repeats are copied. ``known``: ``(encoded, features)`` of rows encoded earlier (same length);
     rows equal to one of them take its features instead of a forward pass (text swapping's versions that came
-    out equal to some report)."""
+    out equal to some report). ``autocast_dtype``: run the tower under autocast to it (bfloat16: see
+    ``TrainConfig.frozen_precision``); the features are returned in float32 either way."""
     if not tower.frozen:
         raise ValueError("precompute_text_features needs a wholly frozen text tower (freeze_layers = all layers)")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
@@ -428,7 +429,8 @@ def precompute_text_features(tower: TextTower, encoded: dict[str, Tensor], chunk
         starts = tqdm(starts, desc="encoding reports once", leave=False)
     for s in starts:
         sel = todo[s:s + chunk]
-        f = tower(ids[sel].to(device), mask[sel].to(device), cls_attention=True)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            f = tower(ids[sel].to(device), mask[sel].to(device), cls_attention=True)
         out["text_tokens"].append(f.tokens.float().cpu())
         out["text_sentence"].append(f.sentence.float().cpu())
         out["text_cls_attention"].append(f.cls_attention.float().cpu())
