@@ -432,9 +432,10 @@ class TrainConfig:
     trunk_views: int = 0
     # Precision of those passes run once before training through wholly frozen towers (the training reports' text
     # features and swapped versions, the trunk views): bf16 autocast or fp32. On this project's 2-core AVX512-BF16
-    # CPU bf16 ran MiniLM 2.1-2.4x and EfficientNet-lite0's stem and first 3 stages 2.4-3.2x faster than fp32
-    # (relative difference of the outputs 0.9 % and 3.5 %); validation's features stay fp32, as the towers give
-    # them at evaluation. The trainable parts always run in ``precision``.
+    # CPU (benchmarks/bench_frozen.py, chapter 05's ci towers) bf16 ran the reports through MiniLM 2.2x and the
+    # augmented views through EfficientNet-lite0's stem and first 3 stages 1.9x faster, the outputs 0.8 % and
+    # 5.6 % (relative) from float32's; a CPU without bf16 instructions may run it slower than fp32. Validation's
+    # features stay fp32, as the towers give them at evaluation. The trainable parts always run in ``precision``.
     frozen_precision: str = "bf16"
     views: str = "PA,AP"  # frontal views used for pretraining
     log_every: int = 1  # steps between metrics.jsonl records

@@ -164,10 +164,13 @@ if show_examples("MIMIC-CXR", publish_examples, mimic_root=mimic_root, mimic_rep
 # outputs for every report (and for two swapped versions of every report, which text swapping reads), the
 # reports tokenised with their knowledge marks, and the frozen image stages' output for `trunk_views`
 # augmented views of every training image. Each step then reads a random view and runs only the trainable
-# stages. The price is augmentation diversity: however many epochs run, an image is seen in at most
-# `trunk_views` different crops; the gain is speed (the throughput table below gives pairs per second, and
-# `benchmarks/bench_train.py` compares the engine with and without these caches). On MIMIC-CXR with an unfrozen
-# tower (the `full` profile) nothing of the image side is cached.
+# stages. These once-only passes run under bfloat16 autocast (`frozen_precision` of the training config): on a
+# CPU with bfloat16 instructions they take about half of float32's time, and their outputs move by one to a
+# few percent (`benchmarks/bench_frozen.py` prints both); validation's reports and images are encoded in
+# float32, as the towers give them at evaluation. The price is augmentation diversity: however many epochs run,
+# an image is seen in at most `trunk_views` different crops; the gain is speed (the throughput table below gives
+# pairs per second, and `benchmarks/bench_train.py` compares the engine with and without these caches). On
+# MIMIC-CXR with an unfrozen tower (the `full` profile) nothing of the image side is cached.
 
 
 # %%
