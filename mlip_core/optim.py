@@ -64,7 +64,11 @@ class _CosineFactor:
 def build_optimizer(model: nn.Module, tc: Any, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over :func:`param_groups` and a warm-up + cosine ``LambdaLR`` stepped once per optimizer step."""
     groups = param_groups(model, tc.weight_decay, tc.lr, tc.tower_lr_scale)
-    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    # PyTorch's fused kernel (CPU and CUDA) updates every tensor in one pass instead of a Python loop of small
+    # ops: on this project's CPU the ~150 trainable tensors of MLIP's ci model took 13 ms per step in the loop and
+    # 3-4 ms fused, with parameters equal to ~5e-7 after 23 steps.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, fused=fused or None)
     warmup = tc.warmup_steps if tc.warmup_steps > 0 else int(round(tc.warmup_ratio * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _CosineFactor(total_steps, warmup, tc.min_lr_ratio))
     return opt, sched

@@ -6,6 +6,7 @@ tiny offline world.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mlip_core.checkpoint import export_from_checkpoint, load_image_tower_export
 from mlip_core.config import TrainConfig
@@ -66,6 +68,28 @@ def test_tower_lr_scale_gives_tower_parameters_their_own_lr_and_scale_one_keeps_
     opt, sched = build_optimizer(model, tc, total_steps=10)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["tower_decay"] == pytest.approx(0.1 * lrs["decay"]) and lrs["decay"] == pytest.approx(5e-4)
+
+
+def test_the_fused_adamw_takes_the_steps_of_the_textbook_loop():
+    """build_optimizer uses PyTorch's fused AdamW kernel; its updates, with the groups' decay and learning rates,
+    equal those of the plain for-loop implementation to float rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    twin, initial = copy.deepcopy(model), model[0].weight.detach().clone()
+    tc = TrainConfig(lr=1e-2, weight_decay=0.1, warmup_steps=0, warmup_ratio=0.0)
+    opt, _ = build_optimizer(model, tc, total_steps=10)
+    assert opt.defaults["fused"]
+    loop = torch.optim.AdamW(param_groups(twin, tc.weight_decay, tc.lr), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                             eps=tc.eps, foreach=False)
+    for step in range(5):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        for m, o in ((model, opt), (twin, loop)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert (model[0].weight - initial).abs().max() > 1e-3  # the steps moved the weights
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_min_ratio():
