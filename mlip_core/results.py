@@ -23,7 +23,7 @@ import pandas as pd
 from mlip_core.checkpoint import atomic_write
 from mlip_core.paths import workspace
 
-__all__ = ["RESULT_COLUMNS", "write_results", "read_results", "results_path", "mean_std", "compare"]
+__all__ = ["RESULT_COLUMNS", "write_results", "read_results", "results_path", "mean_std", "compare", "q_values"]
 
 RESULT_COLUMNS: list[str] = ["method", "task", "fraction", "seed", "metric", "value"]
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -161,3 +161,15 @@ def compare(summary: pd.DataFrame, method_a: str, method_b: str, task: str, frac
         else:  # both rows constant over their seeds
             p_value = 1.0 if diff == 0 else 0.0
     return {"diff": diff, "spread": spread, "exceeds": exceeds, "p_value": p_value}
+
+
+def q_values(p_values: pd.Series) -> pd.Series:
+    """Benjamini–Hochberg q-values of a family of :func:`compare` p-values (``scipy.stats.false_discovery_control``)
+    over the tested ones; NaN where the p-value is NaN (a row with a single seed tests nothing)."""
+    from scipy.stats import false_discovery_control
+
+    q = pd.Series(np.nan, index=p_values.index, dtype=float)
+    tested = p_values.notna()
+    if tested.any():
+        q[tested] = false_discovery_control(p_values[tested].to_numpy(dtype=float), method="bh")
+    return q

@@ -83,7 +83,6 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from myst_nb import glue
-from scipy.stats import false_discovery_control
 
 from mlip_core.ablation import (ceiling_rows, differences_vs, geometry_rows, init_encoders, probe_rows, retrieval_rows,
                                 train_grid, write_run_table, zeroshot_rows)
@@ -91,7 +90,7 @@ from mlip_core.data.downstream import CHEXPERT_5
 from mlip_core.data.transfer_worlds import ensure_transfer_world
 from mlip_core.notebook import setup
 from mlip_core.paths import workspace
-from mlip_core.results import mean_std, spread_rule_chance, write_results
+from mlip_core.results import mean_std, q_values, spread_rule_chance, write_results
 from mlip_core.transfer.classify import chexpert_task, fraction_masks
 
 device = setup(seed)
@@ -296,10 +295,8 @@ for task_name, metric, fraction, label in measures:
     d.insert(0, "measure", label)
     checks.append(d)
 checks = pd.concat(checks, ignore_index=True)
-tested = checks["p_value"].notna()
-checks["q_value"] = np.nan
-if tested.any():  # a single seed per row (the smoke profile) tests nothing
-    checks.loc[tested, "q_value"] = false_discovery_control(checks.loc[tested, "p_value"].to_numpy(), method="bh")
+tested = checks["p_value"].notna()  # a single seed per row (the smoke profile) tests nothing
+checks["q_value"] = q_values(checks["p_value"])
 checks.round(3)
 
 
@@ -406,20 +403,26 @@ geo_table = pd.DataFrame({col: [f"{geo.loc[m, col]:.3f} ± {geo_sd.loc[m, col]:.
                           for col in ("pair_cos", "image_mean_cos", "text_mean_cos")}, index=geo.index)
 geo_table = geo_table.reindex([m for m in order if m in geo_table.index])
 geo_checks = differences_vs(summary[summary["method"].isin(names)], "mlip", "embedding_geometry", "image_mean_cos")
+if len(geo_checks):  # the same test as the table's comparisons above, corrected over this family alone
+    geo_checks["q_value"] = q_values(geo_checks["p_value"])
 moved = geo_checks[geo_checks["exceeds"]] if len(geo_checks) else geo_checks
 if "image_mean_cos" not in geo:  # runs validated before the engine recorded the geometry
     raise RuntimeError("the grid's runs hold no embedding geometry: they were trained before the engine recorded it; "
                        "delete workspace/runs/ablations (the project's own runs) and run this chapter again")
 glue("geo_most_crowded", geo["image_mean_cos"].idxmax(), display=False)
 glue("geo_least_crowded", geo["image_mean_cos"].idxmin(), display=False)
-glue("geo_moved", ", ".join(f"{r.method} ({r.diff:+.3f}, spread {r.spread:.3f})" for r in moved.itertuples())
+glue("geo_moved", ", ".join(f"{r.method} ({r.diff:+.3f}, spread {r.spread:.3f}, p {r.p_value:.2g}, "
+                            f"q {r.q_value:.2g})" for r in moved.itertuples())
      if len(moved) else "none of them", display=False)
+glue("geo_tests", len(geo_checks), display=False)
 geo_table.rename(columns={"pair_cos": "own report (pair cosine)", "image_mean_cos": "image vs image",
                           "text_mean_cos": "report vs report"})
 
 # %% [markdown]
 # The images crowd most with {glue:text}`geo_most_crowded` and least with {glue:text}`geo_least_crowded`. Against
-# full MLIP, the rows whose images' mean cosine differs beyond the seed spread are: {glue:text}`geo_moved`. A
+# full MLIP, the rows whose images' mean cosine differs beyond the seed spread are: {glue:text}`geo_moved` (with
+# each difference its Welch p-value and its Benjamini–Hochberg q-value over these {glue:text}`geo_tests`
+# comparisons, as in the table's verdicts above). A
 # difference here is a difference in *how* the towers learned, even where the retrieval and probe columns above
 # cannot tell the rows apart.
 

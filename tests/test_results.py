@@ -116,3 +116,15 @@ def test_round_trip_then_summary_matches_in_memory_summary():
     rows = _rows("mlip", [0.1, 0.2, 0.4], fraction=0.01) + _rows("mlip", [0.3, 0.5], fraction=1.0)
     write_results(rows, "nb")
     pd.testing.assert_frame_equal(mean_std(read_results("nb")), mean_std(pd.DataFrame(rows)))
+
+
+def test_q_values_are_benjamini_hochberg_over_the_tested_rows_only():
+    from mlip_core.results import q_values
+
+    p = pd.Series([0.01, np.nan, 0.04, 0.03, 0.5], index=list("abcde"))
+    q = q_values(p)
+    # BH by hand over the four tested p-values: sorted 0.01, 0.03, 0.04, 0.5 -> p * m / rank, then the running
+    # minimum from the largest rank down
+    assert q.index.tolist() == list("abcde") and np.isnan(q["b"])
+    assert np.allclose(q[["a", "d", "c", "e"]].to_numpy(), [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5])
+    assert q_values(pd.Series([np.nan, np.nan])).isna().all()
