@@ -983,7 +983,7 @@ def frozen_trunk_features(tower: nn.Module, dataset: Any, views: int, seed: int 
 def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_size: int,
                  progress: bool, channels_last: bool = False, dtype: torch.dtype = torch.float16,
                  autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    from mlip_core.model.encoders import memory_format
+    from mlip_core.model.encoders import autocast_to, memory_format
 
     device = next(tower.parameters()).device
     was = dataset.load_images
@@ -1004,8 +1004,7 @@ def _trunk_views(tower: nn.Module, dataset: Any, views: int, seed: int, batch_si
                     for i in range(s, min(N, s + batch_size)):
                         seed_all(_seed_for(seed, 7_000_003, v, i))
                         images.append(dataset[i]["image"])
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
+                with autocast_to(device, autocast_dtype):
                     x, fmap = tower.frozen_trunk(torch.stack(images).to(device).contiguous(memory_format=fmt))
                 trunks.append(x.to(dtype).cpu().contiguous())
                 if fmap is not None and fmap is not x:

@@ -387,6 +387,11 @@ class TextTower(nn.Module):
         return TextFeatures(sentence, tokens, attention_mask, cls)
 
 
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s type; no context at all for None (float32 as the weights are)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def precompute_text_features(tower: TextTower, encoded: dict[str, Tensor], chunk: int = 64,
                              progress: bool = False, known: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
@@ -429,7 +434,7 @@ def precompute_text_features(tower: TextTower, encoded: dict[str, Tensor], chunk
         starts = tqdm(starts, desc="encoding reports once", leave=False)
     for s in starts:
         sel = todo[s:s + chunk]
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast_to(device, autocast_dtype):
             f = tower(ids[sel].to(device), mask[sel].to(device), cls_attention=True)
         out["text_tokens"].append(f.tokens.float().cpu())
         out["text_sentence"].append(f.sentence.float().cpu())
